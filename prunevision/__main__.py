@@ -1,0 +1,5 @@
+import sys
+
+from prunevision.cli import main
+
+sys.exit(main())

@@ -1,0 +1,393 @@
+"""Experiment configuration: one small frozen dataclass per concern.
+
+A config is built from YAML plus ``--set key=value`` overrides (dotted keys such as
+``gates.lam``) and validated once, at the edge, before any work starts. Every problem
+raises :class:`ConfigError` with a single line that names the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+PenaltyMode = Literal["mean", "sum", "flops"]
+Schedule = Literal["constant", "linear", "staged", "cubic"]
+PruneMethod = Literal[
+    "gate",
+    "l1_unstructured",
+    "random_unstructured",
+    "l1_structured",
+    "l2_structured",
+    "taylor",
+    "bn_scale",
+    "random_structured",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported as one line that names the offending key."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "small_cnn"
+    # None: take the number of classes from the dataset.
+    num_classes: Optional[int] = None
+    # None: decide from the input size (small-image stem for inputs of 64 px or less).
+    small_input: Optional[bool] = None
+    # Load ImageNet weights through torchvision's weights API (never a silent fallback).
+    pretrained: bool = False
+    # Weights enum name ("DEFAULT", "IMAGENET1K_V1") or a local weights file (.pth / .safetensors).
+    weights: Optional[str] = None
+    # Hybrid ensemble: the backbones side by side and the width of the gated fusion layer.
+    backbones: tuple[str, ...] = ("mobilenet_v3_small", "resnet18", "efficientnet_b0")
+    fusion_channels: int = 512
+    dropout: float = 0.3
+
+    def __post_init__(self) -> None:
+        from prunevision.models import check_model_name
+
+        check_model_name(self.name, key="model.name")
+        if self.name == "hybrid":
+            if not self.backbones:
+                raise ConfigError("model.backbones: the hybrid needs at least one backbone")
+            for b in self.backbones:
+                check_model_name(b, key="model.backbones")
+                if b in ("hybrid", "small_cnn"):
+                    raise ConfigError(f"model.backbones: {b!r} cannot be a hybrid backbone")
+        _check_range("model.num_classes", self.num_classes, low=2, optional=True)
+        _check_range("model.fusion_channels", self.fusion_channels, low=1)
+        _check_range("model.dropout", self.dropout, low=0.0, high=1.0, high_open=True)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # cifar10: CIFAR-10 (torchvision batches, ImageFolder tree or .tar.gz of either; downloaded
+    # when root holds nothing and download is true). imagefolder: any train/ + test/|val/ tree.
+    # synthetic: generated images, for tests and smoke tests only.
+    name: Literal["cifar10", "imagefolder", "synthetic"] = "cifar10"
+    root: Optional[str] = None
+    download: bool = True
+    # Fraction (0, 1] or count (> 1) of training / test images to use.
+    subset: Optional[float] = None
+    test_subset: Optional[float] = None
+    batch_size: int = 256
+    eval_batch_size: int = 1024
+    # Resize ImageFolder images to this size when decoding (None: keep their own size).
+    image_size: Optional[int] = None
+    augment: bool = True
+    # synthetic only
+    num_classes: int = 10
+    synthetic_train: int = 512
+    synthetic_test: int = 256
+    cache_dir: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        for key in ("subset", "test_subset"):
+            v = getattr(self, key)
+            if v is not None and (v <= 0 or (v > 1 and v != int(v))):
+                raise ConfigError(
+                    f"data.{key}: {v} must be a fraction in (0, 1] or a whole count of images"
+                )
+        _check_range("data.batch_size", self.batch_size, low=1)
+        _check_range("data.eval_batch_size", self.eval_batch_size, low=1)
+        _check_range("data.image_size", self.image_size, low=8, optional=True)
+        _check_range("data.num_classes", self.num_classes, low=2)
+        _check_range("data.synthetic_train", self.synthetic_train, low=1)
+        _check_range("data.synthetic_test", self.synthetic_test, low=1)
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    lam: float = 1.0  # λ, the penalty weight
+    penalty: PenaltyMode = "mean"
+    schedule: Schedule = "constant"
+    warmup_epochs: float = 0.0  # linear: ramp length; staged and cubic: penalty-free epochs
+    stages: int = 3  # staged: number of equal steps up to λ
+    ramp_epochs: Optional[float] = None  # cubic: epochs from warm-up end to full λ (None: to the end)
+    init: float = 0.95  # initial gate value: training starts from the dense network
+    temperature: float = 1.0
+    temperature_final: Optional[float] = None  # anneal T geometrically to this value
+    lr: float = 0.01  # gate scores use their own Adam optimiser (see prunevision/train.py)
+    skip: tuple[str, ...] = ()  # module names (or prefixes) whose convs get no gate
+
+    def __post_init__(self) -> None:
+        _check_range("gates.lam", self.lam, low=0.0)
+        _check_range("gates.warmup_epochs", self.warmup_epochs, low=0.0)
+        _check_range("gates.stages", self.stages, low=1)
+        _check_range("gates.ramp_epochs", self.ramp_epochs, low=0.0, low_open=True, optional=True)
+        _check_range("gates.init", self.init, low=0.5, high=1.0, low_open=True, high_open=True)
+        _check_range("gates.temperature", self.temperature, low=0.0, low_open=True)
+        _check_range(
+            "gates.temperature_final", self.temperature_final, low=0.0, low_open=True, optional=True
+        )
+        _check_range("gates.lr", self.lr, low=0.0, low_open=True)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10
+    lr: float = 0.05
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lr_schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
+    label_smoothing: float = 0.0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # bf16 autocast and channels_last; None: on for CUDA, off on CPU.
+    amp: Optional[bool] = None
+    channels_last: Optional[bool] = None
+    grad_clip: Optional[float] = None
+    checkpoint_every: int = 1  # epochs between checkpoints written by `prunevision train`
+
+    def __post_init__(self) -> None:
+        _check_range("train.epochs", self.epochs, low=1)
+        _check_range("train.lr", self.lr, low=0.0, low_open=True)
+        _check_range("train.momentum", self.momentum, low=0.0, high=1.0, high_open=True)
+        _check_range("train.weight_decay", self.weight_decay, low=0.0)
+        _check_range("train.label_smoothing", self.label_smoothing, low=0.0, high=1.0, high_open=True)
+        _check_range("train.grad_clip", self.grad_clip, low=0.0, low_open=True, optional=True)
+        _check_range("train.checkpoint_every", self.checkpoint_every, low=1)
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ConfigError(f"train.device: {self.device!r} is not one of auto, cpu, cuda, cuda:N")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    method: PruneMethod = "gate"
+    threshold: float = 0.5  # τ: gates under it count as closed
+    steps: int = 1  # iterative pruning steps (1 = one-shot)
+    target_sparsity: Optional[float] = None  # baselines: share of parameters to remove
+
+    def __post_init__(self) -> None:
+        _check_range("prune.threshold", self.threshold, low=0.0, high=1.0, low_open=True, high_open=True)
+        _check_range("prune.steps", self.steps, low=1)
+        _check_range(
+            "prune.target_sparsity", self.target_sparsity, low=0.0, high=1.0, high_open=True, optional=True
+        )
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    gates: GateConfig = field(default_factory=GateConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted-key view (``gates.lam`` → value), e.g. for MLflow params."""
+        return flatten(self.to_dict())
+
+    def replace(self, **dotted: Any) -> "ExperimentConfig":
+        """A copy with dotted-key overrides applied and validated."""
+        return from_dict(self.to_dict(), overrides=dotted)
+
+
+# --------------------------------------------------------------------------- building
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None
+) -> ExperimentConfig:
+    """Read a YAML config (optional) and apply ``key=value`` overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {_one_line(e)}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at the top level")
+        data = loaded
+    if isinstance(overrides, list):
+        overrides = parse_overrides(overrides)
+    return from_dict(data, overrides=overrides or {})
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        out[key.strip()] = value
+    return out
+
+
+def from_dict(data: dict[str, Any], overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+    merged = _deep_copy(data)
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(merged, dotted, value)
+    return _build(ExperimentConfig, merged, prefix="")
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def save_config(cfg: ExperimentConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+# --------------------------------------------------------------------------- internals
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        where = prefix.rstrip(".") or "config"
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            full = f"{prefix}{key}"
+            candidates = [f"{prefix}{n}" for n in names]
+            close = difflib.get_close_matches(full, candidates, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"unknown config key {full!r}{hint}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        tp = hints[f.name]
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(tp):
+            kwargs[f.name] = _build(tp, data[f.name], key + ".")
+        else:
+            kwargs[f.name] = _coerce(key, data[f.name], tp)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:  # pragma: no cover - defensive
+        raise ConfigError(f"{prefix.rstrip('.')}: {_one_line(e)}") from None
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            return _coerce(key, value, inner[0])
+        for a in inner:  # pragma: no cover - no such fields today
+            try:
+                return _coerce(key, value, a)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: {value!r} has the wrong type")
+    if origin is Literal:
+        if value not in args:
+            choices = ", ".join(map(str, args))
+            raise ConfigError(f"{key}: {value!r} is not one of {choices}")
+        return value
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return tuple(_coerce(key, v, args[0]) for v in value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+            raise ConfigError(f"{key}: expected a whole number, got {value!r}")
+        return int(value)
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "2e-3" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if value != value:  # NaN
+            raise ConfigError(f"{key}: NaN is not allowed")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{key}: unsupported type {tp}")  # pragma: no cover
+
+
+def _check_range(
+    key: str,
+    value: Any,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    optional: bool = False,
+) -> None:
+    if value is None:
+        if optional:
+            return
+        raise ConfigError(f"{key}: a value is required")
+    bad = (low is not None and (value <= low if low_open else value < low)) or (
+        high is not None and (value >= high if high_open else value > high)
+    )
+    if bad:
+        lo = "(" if low_open else "["
+        hi = ")" if high_open else "]"
+        rng = f"{lo}{'-inf' if low is None else low}, {'inf' if high is None else high}{hi}"
+        raise ConfigError(f"{key}: {value} is out of range {rng}")
+
+
+def _set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = d
+    for p in parts[:-1]:
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"cannot set {dotted!r}: {p!r} is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def _deep_copy(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in d.items()}
+
+
+def _to_plain(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {k: _to_plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_to_plain(x) for x in v]
+    return v
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())

@@ -1,0 +1,440 @@
+"""Datasets as uint8 tensors on the training device, augmented there in whole batches.
+
+Small images (CIFAR-10 and other ImageFolder trees of small pictures) are decoded once into a
+cache of plain ``.npy`` arrays, loaded onto the training device, and augmented batch-wise
+(reflect pad-and-crop, horizontal flip) with tensor ops: no per-sample Python transform in the
+hot loop, so the loader is never what a trial waits on.
+
+Sources: ``torchvision.datasets.CIFAR10`` (downloaded for real users), a torchvision CIFAR-10
+folder, any ImageFolder tree (``train/`` and ``test/`` or ``val/``), a .tar.gz of either, and a
+synthetic dataset for tests. CIFAR-10's python batches are pickles: they are read with an
+unpickler that can build nothing but numpy arrays, lists and dicts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import pickle
+import shutil
+import tarfile
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from prunevision.config import DataConfig
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+_IMAGE_EXT = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff"}
+
+
+class DatasetError(RuntimeError):
+    """A dataset could not be found, downloaded or read. The message says how to provide one."""
+
+
+@dataclass
+class Dataset:
+    """Decoded images (uint8, N×3×H×W) and labels, with the normalisation to apply."""
+
+    name: str
+    classes: tuple[str, ...]
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    source: str
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.train_x.shape[-1])
+
+    def to(self, device: torch.device | str) -> "Dataset":
+        for k in ("train_x", "train_y", "test_x", "test_y"):
+            setattr(self, k, getattr(self, k).to(device, non_blocking=True))
+        return self
+
+
+def default_cache_dir(cfg: DataConfig | None = None) -> Path:
+    if cfg is not None and cfg.cache_dir:
+        return Path(cfg.cache_dir).expanduser()
+    base = os.environ.get("PRUNEVISION_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "prunevision"
+    )
+    return Path(base)
+
+
+def load_dataset(cfg: DataConfig, seed: int = 0) -> Dataset:
+    """Load (decoding once, then from cache) and subset the dataset the config names."""
+    if cfg.name == "synthetic":
+        ds = synthetic_dataset(cfg.num_classes, cfg.synthetic_train, cfg.synthetic_test,
+                               cfg.image_size or 32, seed=seed)
+    else:
+        ds = _load_real(cfg)
+    g = torch.Generator().manual_seed(seed)
+    ds.train_x, ds.train_y = _subset(ds.train_x, ds.train_y, cfg.subset, g)
+    ds.test_x, ds.test_y = _subset(ds.test_x, ds.test_y, cfg.test_subset, g)
+    return ds
+
+
+def _subset(x: torch.Tensor, y: torch.Tensor, amount: float | None, g: torch.Generator):
+    if amount is None or amount == 1:
+        return x, y
+    n = len(y)
+    k = int(round(n * amount)) if amount < 1 else min(int(amount), n)
+    idx = torch.randperm(n, generator=g)[: max(k, 1)].sort().values
+    return x[idx], y[idx]
+
+
+# --------------------------------------------------------------------------- synthetic
+
+
+def synthetic_dataset(num_classes: int, n_train: int, n_test: int, size: int = 32, seed: int = 0) -> Dataset:
+    """Learnable generated images: each class is a smooth random pattern plus noise.
+
+    For tests and ``--smoke-test`` only; never used in place of a missing real dataset.
+    """
+    g = torch.Generator().manual_seed(1000 + seed)
+    protos = torch.rand(num_classes, 3, 4, 4, generator=g)
+    protos = F.interpolate(protos, size=(size, size), mode="bilinear", align_corners=False)
+
+    def make(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        y = torch.arange(n) % num_classes
+        y = y[torch.randperm(n, generator=g)]
+        x = protos[y] + 0.25 * torch.randn(n, 3, size, size, generator=g)
+        return (x.clamp(0, 1) * 255).round().to(torch.uint8), y
+
+    trx, tr_y = make(n_train)
+    tex, te_y = make(n_test)
+    mean, std = _channel_stats(trx)
+    classes = tuple(f"class_{i}" for i in range(num_classes))
+    return Dataset("synthetic", classes, trx, tr_y, tex, te_y, mean, std, source="synthetic")
+
+
+# --------------------------------------------------------------------------- real data
+
+
+def _load_real(cfg: DataConfig) -> Dataset:
+    cache = default_cache_dir(cfg)
+    if cfg.root is None:
+        if cfg.name != "cifar10":
+            raise DatasetError("data.root: an ImageFolder dataset needs a path (a folder or a .tar.gz)")
+        root = cache / "data" / "cifar10"
+    else:
+        root = Path(cfg.root).expanduser()
+    archive = root.is_file()
+    if archive:
+        root = _extract_archive(root, cache)
+    found = _find_layout(root) if root.is_dir() else None
+    if found is None:
+        if cfg.name == "cifar10" and cfg.download and not archive:
+            _download_cifar10(root)
+            found = _find_layout(root)
+        if found is None:
+            raise DatasetError(_missing_message(cfg, root))
+    kind, path = found
+    key = _cache_key(kind, path, cfg.image_size)
+    arrays = _read_cache(cache / "decoded" / key)
+    if arrays is None:
+        arrays = _decode_cifar_batches(path) if kind == "cifar-batches" else _decode_imagefolder(path, cfg.image_size)
+        _write_cache(cache / "decoded" / key, arrays)
+    classes = tuple(arrays["classes"])
+    if cfg.name == "cifar10":
+        if classes != CIFAR10_CLASSES:
+            raise DatasetError(
+                f"data.root: {path} is not CIFAR-10: its classes are {', '.join(classes[:12])}"
+                f"; use data.name=imagefolder for another dataset"
+            )
+        mean, std = CIFAR10_MEAN, CIFAR10_STD
+    else:
+        mean, std = tuple(arrays["mean"]), tuple(arrays["std"])
+    t = {k: torch.from_numpy(arrays[k]) for k in ("train_x", "train_y", "test_x", "test_y")}
+    return Dataset(cfg.name, classes, t["train_x"], t["train_y"].long(), t["test_x"], t["test_y"].long(),
+                   mean, std, source=str(path))
+
+
+def _missing_message(cfg: DataConfig, root: Path) -> str:
+    what = "CIFAR-10" if cfg.name == "cifar10" else "an ImageFolder dataset"
+    tried = f"no {what} found at {root}"
+    if cfg.name == "cifar10" and cfg.download:
+        tried += " and the download failed"
+    return (
+        f"{tried}. Provide one with `make quickstart DATA=<path>` or `--set data.root=<path>`: a "
+        "torchvision CIFAR-10 folder (cifar-10-batches-py), an ImageFolder tree with train/ and "
+        "test/ (or val/), or a .tar.gz of either (e.g. ../shared/data/cifar10-jpeg.tar.gz)"
+    )
+
+
+def _download_cifar10(root: Path) -> None:
+    """torchvision's real CIFAR-10 download (checksummed). Failures become DatasetError."""
+    from torchvision.datasets import CIFAR10
+    from torchvision.datasets.utils import download_and_extract_archive
+
+    try:
+        download_and_extract_archive(CIFAR10.url, str(root), filename=CIFAR10.filename, md5=CIFAR10.tgz_md5)
+    except Exception as e:
+        raise DatasetError(
+            f"could not download CIFAR-10 into {root}: {' '.join(str(e).split())}. Provide the "
+            "dataset with `make quickstart DATA=<path>` or `--set data.root=<path>` (a torchvision "
+            "CIFAR-10 folder, an ImageFolder tree, or a .tar.gz of either such as "
+            "../shared/data/cifar10-jpeg.tar.gz)"
+        ) from None
+
+
+def _find_layout(root: Path, depth: int = 2) -> tuple[str, Path] | None:
+    """('cifar-batches', dir) or ('imagefolder', dir), looking a couple of levels down."""
+    if (root / "data_batch_1").is_file() and (root / "test_batch").is_file():
+        return "cifar-batches", root
+    if (root / "cifar-10-batches-py" / "data_batch_1").is_file():
+        return "cifar-batches", root / "cifar-10-batches-py"
+    if (root / "train").is_dir() and ((root / "test").is_dir() or (root / "val").is_dir()):
+        return "imagefolder", root
+    if depth > 0:
+        subdirs = [p for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".")]
+        for sub in subdirs:
+            found = _find_layout(sub, depth - 1)
+            if found:
+                return found
+    return None
+
+
+def _extract_archive(archive: Path, cache: Path) -> Path:
+    if not tarfile.is_tarfile(archive):
+        raise DatasetError(f"data.root: {archive} is neither a folder nor a .tar/.tar.gz archive")
+    st = archive.stat()
+    key = hashlib.sha256(f"{archive.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    dest = cache / "extracted" / key
+    if (dest / ".complete").is_file():
+        return dest
+    tmp = Path(tempfile.mkdtemp(prefix="extract-", dir=_mkdir(cache / "extracted")))
+    try:
+        with tarfile.open(archive) as tf:
+            tf.extractall(tmp, filter="data")  # refuses absolute paths, '..', devices, links out
+    except (tarfile.TarError, OSError, EOFError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DatasetError(f"data.root: cannot extract {archive}: {' '.join(str(e).split())}") from None
+    (tmp / ".complete").touch()
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)
+    return dest
+
+
+def _mkdir(p: Path) -> Path:
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def _cache_key(kind: str, path: Path, image_size: int | None) -> str:
+    """Changes when the source files change (names, sizes, modification times)."""
+    h = hashlib.sha256(f"{kind}|{path.resolve()}|{image_size}|v1".encode())
+    for dirpath, dirnames, filenames in os.walk(path):
+        dirnames.sort()
+        for f in sorted(filenames):
+            st = os.stat(os.path.join(dirpath, f))
+            h.update(f"{dirpath}/{f}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:20]
+
+
+_ARRAY_KEYS = ("train_x", "train_y", "test_x", "test_y")
+
+
+def _read_cache(d: Path) -> dict | None:
+    if not (d / "meta.json").is_file():
+        return None
+    try:
+        out = {k: np.load(d / f"{k}.npy", allow_pickle=False) for k in _ARRAY_KEYS}
+        out.update(json.loads((d / "meta.json").read_text()))
+        return out
+    except (OSError, ValueError):
+        return None  # damaged cache: decode again
+
+
+def _write_cache(d: Path, arrays: dict) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="decode-", dir=_mkdir(d.parent)))
+    for k in _ARRAY_KEYS:
+        np.save(tmp / f"{k}.npy", arrays[k], allow_pickle=False)
+    meta = {k: list(arrays[k]) for k in ("classes", "mean", "std")}
+    (tmp / "meta.json").write_text(json.dumps(meta))
+    shutil.rmtree(d, ignore_errors=True)
+    os.replace(tmp, d)
+
+
+# --------------------------------------------------------------------------- decoders
+
+
+class _ArraysOnlyUnpickler(pickle.Unpickler):
+    """Builds numpy arrays, dicts, lists and strings; refuses every other global."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """One CIFAR-10 python batch file → (N×3×32×32 uint8, N labels)."""
+    try:
+        with open(path, "rb") as f:
+            d = _ArraysOnlyUnpickler(io.BufferedReader(f), encoding="bytes").load()
+        data = d[b"data"] if b"data" in d else d["data"]
+        labels = d[b"labels"] if b"labels" in d else d["labels"]
+        x = np.asarray(data, dtype=np.uint8).reshape(-1, 3, 32, 32)
+        y = np.asarray(labels, dtype=np.int64)
+        if len(x) != len(y):
+            raise ValueError(f"{len(x)} images but {len(y)} labels")
+    except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, AttributeError) as e:
+        raise DatasetError(f"{path} is not a readable CIFAR-10 batch file: {e}") from None
+    return x, y
+
+
+def _decode_cifar_batches(d: Path) -> dict:
+    train = [read_cifar_batch(d / f"data_batch_{i}") for i in range(1, 6) if (d / f"data_batch_{i}").is_file()]
+    test = read_cifar_batch(d / "test_batch")
+    trx = np.concatenate([t[0] for t in train])
+    mean, std = _channel_stats(torch.from_numpy(trx))
+    return {"train_x": trx, "train_y": np.concatenate([t[1] for t in train]),
+            "test_x": test[0], "test_y": test[1], "classes": list(CIFAR10_CLASSES),
+            "mean": list(mean), "std": list(std)}
+
+
+def _decode_imagefolder(root: Path, image_size: int | None) -> dict:
+    train_dir = root / "train"
+    test_dir = root / "test" if (root / "test").is_dir() else root / "val"
+    classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
+    if not classes:
+        raise DatasetError(f"{train_dir} holds no class folders")
+    trx, tr_y = _decode_split(train_dir, classes, image_size)
+    tex, te_y = _decode_split(test_dir, classes, image_size or trx.shape[-1])
+    mean, std = _channel_stats(torch.from_numpy(trx))
+    return {"train_x": trx, "train_y": tr_y, "test_x": tex, "test_y": te_y, "classes": classes,
+            "mean": list(mean), "std": list(std)}
+
+
+def _decode_split(split: Path, classes: list[str], image_size: int | None) -> tuple[np.ndarray, np.ndarray]:
+    from PIL import Image, UnidentifiedImageError
+
+    files, labels = [], []
+    for i, c in enumerate(classes):
+        cdir = split / c
+        if not cdir.is_dir():
+            continue
+        for p in sorted(cdir.rglob("*")):
+            if p.suffix.lower() in _IMAGE_EXT:
+                files.append(p)
+                labels.append(i)
+    if not files:
+        raise DatasetError(f"{split} holds no images in class folders ({', '.join(classes[:5])}, ...)")
+
+    def decode(p: Path) -> np.ndarray:
+        try:
+            with Image.open(p) as im:
+                im = im.convert("RGB")
+                if image_size and im.size != (image_size, image_size):
+                    im = im.resize((image_size, image_size), Image.BILINEAR)
+                return np.asarray(im, dtype=np.uint8)
+        except (UnidentifiedImageError, OSError) as e:
+            raise DatasetError(f"cannot decode image {p}: {e}") from None
+
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as ex:
+        imgs = list(ex.map(decode, files, chunksize=256))
+    shapes = {im.shape for im in imgs}
+    if len(shapes) > 1:
+        raise DatasetError(
+            f"images in {split} have different sizes ({len(shapes)} distinct); set data.image_size to resize them"
+        )
+    x = np.stack(imgs).transpose(0, 3, 1, 2).copy()
+    return x, np.asarray(labels, dtype=np.int64)
+
+
+def _channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    xf = x[: 20000].float() / 255.0
+    return tuple(xf.mean(dim=(0, 2, 3)).tolist()), tuple(xf.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist())
+
+
+# --------------------------------------------------------------------------- batches
+
+
+class DeviceLoader:
+    """Batches from uint8 tensors that already live on the training device.
+
+    Augmentation (reflect pad-and-crop by ``pad`` pixels, horizontal flip) is done for the
+    whole batch at once on the device. Shuffling is seeded per epoch.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, mean, std, *, train: bool,
+                 augment: bool = True, pad: int = 4, seed: int = 0, channels_last: bool = False,
+                 dtype: torch.dtype = torch.float32):
+        self.x, self.y = x, y
+        self.batch_size = batch_size
+        self.train, self.augment, self.pad = train, augment and train, pad
+        self.seed = seed
+        self.channels_last = channels_last
+        self.dtype = dtype
+        dev = x.device
+        self.mean = torch.tensor(mean, device=dev, dtype=torch.float32).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(std, device=dev, dtype=torch.float32).view(1, 3, 1, 1) * 255
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        n = len(self.y)
+        return n // self.batch_size if self.train and n >= self.batch_size else -(-n // self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = len(self.y)
+        dev = self.x.device
+        if self.train:
+            g = torch.Generator(device="cpu").manual_seed(self.seed * 100003 + self.epoch)
+            order = torch.randperm(n, generator=g).to(dev)
+        else:
+            order = torch.arange(n, device=dev)
+        for b in range(len(self)):
+            idx = order[b * self.batch_size : (b + 1) * self.batch_size]
+            xb = self.x[idx].float()
+            if self.augment:
+                xb = self._augment(xb, g)
+            xb = ((xb - self.mean) / self.std).to(self.dtype)
+            if self.channels_last:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            yield xb, self.y[idx]
+
+    def _augment(self, xb: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        n, _, h, w = xb.shape
+        dev = xb.device
+        flip = (torch.rand(n, generator=g) < 0.5).to(dev)
+        xb = torch.where(flip.view(-1, 1, 1, 1), xb.flip(3), xb)
+        if self.pad <= 0:
+            return xb
+        p = self.pad
+        padded = F.pad(xb, (p, p, p, p), mode="reflect")
+        dy = torch.randint(0, 2 * p + 1, (n,), generator=g).to(dev)
+        dx = torch.randint(0, 2 * p + 1, (n,), generator=g).to(dev)
+        ar_h = torch.arange(h, device=dev)
+        ar_w = torch.arange(w, device=dev)
+        rows = (dy.view(n, 1) + ar_h).view(n, 1, h, 1).expand(n, 3, h, w + 2 * p)
+        cols = (dx.view(n, 1) + ar_w).view(n, 1, 1, w).expand(n, 3, h, w)
+        return padded.gather(2, rows).gather(3, cols)

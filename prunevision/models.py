@@ -1,0 +1,305 @@
+"""One model registry: the small self-pruning CNN, torchvision classifiers by name, the hybrid.
+
+``create_model(cfg, num_classes, image_size)`` builds a plain (ungated) network;
+``build_gated_model`` adds the gates (prunevision.gates.instrument). Short names
+(``resnet18``, ``mobilenet_v3_small``, ``mobilenet_v2``, ``efficientnet_b0``) and any other
+torchvision classification model as ``torchvision:<name>`` come from the same place.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from prunevision.config import ConfigError, GateConfig, ModelConfig
+from prunevision.gates import PrunableLinear, instrument
+
+ModelBuilder = Callable[[ModelConfig, int, int], nn.Module]
+_REGISTRY: dict[str, ModelBuilder] = {}
+TORCHVISION_SHORT_NAMES = ("resnet18", "mobilenet_v3_small", "mobilenet_v2", "efficientnet_b0")
+
+
+class PretrainedWeightsError(RuntimeError):
+    """Pretrained weights were asked for and could not be loaded."""
+
+
+def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
+    def deco(fn: ModelBuilder) -> ModelBuilder:
+        _REGISTRY[name] = fn
+        return fn
+
+    return deco
+
+
+def list_models() -> list[str]:
+    """Registered names (``torchvision:<name>`` accepts any torchvision classifier besides)."""
+    return sorted(_REGISTRY)
+
+
+@lru_cache(maxsize=1)
+def torchvision_classifiers() -> tuple[str, ...]:
+    import torchvision
+
+    return tuple(torchvision.models.list_models(module=torchvision.models))
+
+
+def check_model_name(name: str, key: str = "model.name") -> None:
+    if name in _REGISTRY:
+        return
+    if name.startswith("torchvision:"):
+        tv = name.split(":", 1)[1]
+        if tv in torchvision_classifiers():
+            return
+        close = difflib.get_close_matches(tv, torchvision_classifiers(), n=1)
+        hint = f" (did you mean 'torchvision:{close[0]}'?)" if close else ""
+        raise ConfigError(f"{key}: {tv!r} is not a torchvision classification model{hint}")
+    close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ConfigError(
+        f"{key}: unknown model {name!r}{hint}; choose from {', '.join(list_models())} "
+        "or torchvision:<name>"
+    )
+
+
+def create_model(cfg: ModelConfig, num_classes: int, image_size: int, pretrained: bool | None = None) -> nn.Module:
+    """Build the ungated network. ``pretrained`` overrides cfg.pretrained (False when resuming)."""
+    if pretrained is not None and pretrained != cfg.pretrained:
+        from dataclasses import replace
+
+        cfg = replace(cfg, pretrained=pretrained)
+    check_model_name(cfg.name)
+    if cfg.name.startswith("torchvision:"):
+        return torchvision_model(cfg.name.split(":", 1)[1], cfg, num_classes, image_size)
+    return _REGISTRY[cfg.name](cfg, num_classes, image_size)
+
+
+def build_gated_model(
+    model_cfg: ModelConfig, gate_cfg: GateConfig, num_classes: int, image_size: int,
+    pretrained: bool | None = None,
+) -> nn.Module:
+    model = create_model(model_cfg, num_classes, image_size, pretrained=pretrained)
+    example = torch.zeros(2, 3, image_size, image_size)
+    instrument(model, example, init=gate_cfg.init, temperature=gate_cfg.temperature,
+               skip=gate_cfg.skip, num_classes=num_classes)
+    return model
+
+
+# --------------------------------------------------------------------------- small_cnn
+
+
+class SmallCNN(nn.Module):
+    """The classic self-pruning CNN: two conv blocks, two gated fully connected layers."""
+
+    def __init__(self, num_classes: int = 10, image_size: int = 32, channels=(32, 64), hidden: int = 256,
+                 dropout: float = 0.3):
+        super().__init__()
+        c1, c2 = channels
+        self.features = nn.Sequential(
+            nn.Conv2d(3, c1, 3, padding=1, bias=False), nn.BatchNorm2d(c1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(c1, c2, 3, padding=1, bias=False), nn.BatchNorm2d(c2), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        )
+        flat = c2 * (image_size // 4) ** 2
+        self.classifier = nn.Sequential(
+            nn.Flatten(), PrunableLinear(flat, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
+            PrunableLinear(hidden, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+@register_model("small_cnn")
+def _small_cnn(cfg: ModelConfig, num_classes: int, image_size: int) -> nn.Module:
+    if cfg.pretrained:
+        raise ConfigError("model.pretrained: small_cnn has no pretrained weights")
+    return SmallCNN(num_classes=num_classes, image_size=image_size, dropout=cfg.dropout)
+
+
+# --------------------------------------------------------------------------- torchvision
+
+
+def _register_short(name: str) -> None:
+    register_model(name)(lambda cfg, n, size: torchvision_model(name, cfg, n, size))
+
+
+for _n in TORCHVISION_SHORT_NAMES:
+    _register_short(_n)
+
+
+def torchvision_model(tv_name: str, cfg: ModelConfig, num_classes: int, image_size: int) -> nn.Module:
+    import torchvision
+
+    if tv_name not in torchvision_classifiers():
+        raise ConfigError(f"model.name: {tv_name!r} is not a torchvision classification model")
+    if cfg.pretrained:
+        model = torchvision.models.get_model(tv_name, weights=None)
+        model.load_state_dict(load_pretrained_state(tv_name, cfg.weights))
+        if num_classes != _num_outputs(model):
+            replace_classifier(model, num_classes)
+    else:
+        model = torchvision.models.get_model(tv_name, weights=None, num_classes=num_classes)
+    small = cfg.small_input if cfg.small_input is not None else image_size <= 64
+    if small:
+        small_image_stem(model)
+    return model
+
+
+def load_pretrained_state(tv_name: str, weights: str | None) -> dict[str, torch.Tensor]:
+    """ImageNet weights through torchvision's weights API, or a local weights file.
+
+    Never falls back to random initialisation: any failure is a PretrainedWeightsError that
+    says how to provide the weights offline.
+    """
+    import torchvision
+
+    if weights and (Path(weights).suffix in (".pth", ".pt", ".safetensors") or os.sep in weights):
+        return _load_weights_file(Path(weights))
+    try:
+        enum = torchvision.models.get_model_weights(tv_name)
+        w = enum[weights] if weights and weights != "DEFAULT" else enum.DEFAULT
+    except (KeyError, ValueError) as e:
+        raise PretrainedWeightsError(f"no pretrained weights {weights!r} for {tv_name}: {e}") from None
+    hub_dir = Path(torch.hub.get_dir()) / "checkpoints"
+    fname = w.url.rsplit("/", 1)[-1]
+    try:
+        return w.get_state_dict(progress=False, check_hash=False)
+    except Exception as e:  # offline, blocked, truncated download...
+        raise PretrainedWeightsError(
+            f"could not load pretrained weights {w} for {tv_name}: {' '.join(str(e).split())}. "
+            f"Offline? Put {fname} (from {w.url}) into {hub_dir} (set TORCH_HOME to use another "
+            f"cache), or pass a local file with --set model.weights=/path/to/{fname}"
+        ) from None
+
+
+def _load_weights_file(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise PretrainedWeightsError(f"model.weights: file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)  # never unpickles code
+    except Exception as e:
+        raise PretrainedWeightsError(f"model.weights: cannot read {path}: {' '.join(str(e).split())}") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise PretrainedWeightsError(f"model.weights: {path} does not hold a state dict")
+    return state
+
+
+def _last_linear(model: nn.Module) -> tuple[str, nn.Linear] | None:
+    found = None
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            found = (name, m)
+    return found
+
+
+def _num_outputs(model: nn.Module) -> int | None:
+    last = _last_linear(model)
+    return last[1].out_features if last else None
+
+
+def replace_classifier(model: nn.Module, num_classes: int) -> None:
+    last = _last_linear(model)
+    if last is None:
+        raise ConfigError("model.num_classes: cannot find a linear classifier head to replace")
+    name, lin = last
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, nn.Linear(lin.in_features, num_classes, bias=lin.bias is not None))
+
+
+def small_image_stem(model: nn.Module) -> None:
+    """No early downsampling for 32×32 inputs: the first conv runs at stride 1 (a 7×7 stem
+    becomes 3×3, as in CIFAR ResNets) and a max-pool right after the stem is removed."""
+    first_conv_path = None
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            first_conv_path = name
+            break
+    if first_conv_path is None:
+        return
+    conv = model.get_submodule(first_conv_path)
+    parent_name, _, child = first_conv_path.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if conv.kernel_size[0] >= 7:
+        setattr(parent, child, nn.Conv2d(conv.in_channels, conv.out_channels, 3, 1, 1, bias=conv.bias is not None))
+    else:
+        conv.stride = (1, 1)
+    # a max-pool registered before the second conv belongs to the stem
+    seen_convs = 0
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            seen_convs += 1
+            if seen_convs > 1:
+                break
+        if isinstance(m, nn.MaxPool2d):
+            p_name, _, c = name.rpartition(".")
+            p = model.get_submodule(p_name) if p_name else model
+            setattr(p, c, nn.Identity())
+            break
+
+
+# --------------------------------------------------------------------------- hybrid
+
+
+def feature_trunk(model: nn.Module) -> nn.Module:
+    """The convolutional trunk of a torchvision classifier, giving a 4-D feature map."""
+    if hasattr(model, "features") and isinstance(model.features, nn.Module):
+        return model.features
+    if hasattr(model, "layer4") and hasattr(model, "fc"):  # ResNet family
+        return nn.Sequential(*[m for n, m in model.named_children() if n not in ("avgpool", "fc")])
+    if hasattr(model, "trunk_output") and hasattr(model, "stem"):  # RegNet
+        return nn.Sequential(model.stem, model.trunk_output)
+    raise ConfigError(f"model.backbones: cannot find the feature trunk of {type(model).__name__}")
+
+
+class Hybrid(nn.Module):
+    """Backbones side by side; each pooled to 1×1, the 4-D maps concatenated along channels,
+    a 1×1 conv + BatchNorm fusion layer (gated like every other conv), one classifier head.
+
+    Fusing 4-D maps with a conv rather than flattening into a Linear keeps the concatenation
+    prunable by DepGraph.
+    """
+
+    def __init__(self, trunks: list[nn.Module], trunk_channels: list[int], fusion_channels: int,
+                 num_classes: int, dropout: float):
+        super().__init__()
+        self.backbones = nn.ModuleList(trunks)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fusion = nn.Sequential(
+            nn.Conv2d(sum(trunk_channels), fusion_channels, 1, bias=False),
+            nn.BatchNorm2d(fusion_channels),
+            nn.ReLU(inplace=True),
+        )
+        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(fusion_channels, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = [self.pool(b(x)) for b in self.backbones]
+        return self.head(self.fusion(torch.cat(feats, dim=1)))
+
+
+@register_model("hybrid")
+def _hybrid(cfg: ModelConfig, num_classes: int, image_size: int) -> nn.Module:
+    from dataclasses import replace
+
+    trunks, channels = [], []
+    for b in cfg.backbones:
+        sub = replace(cfg, name=b)
+        net = create_model(sub, num_classes=1000 if cfg.pretrained else num_classes, image_size=image_size)
+        trunk = feature_trunk(net)
+        with torch.no_grad():
+            trunk.eval()
+            channels.append(trunk(torch.zeros(1, 3, image_size, image_size)).shape[1])
+            trunk.train()
+        trunks.append(trunk)
+    return Hybrid(trunks, channels, cfg.fusion_channels, num_classes, cfg.dropout)

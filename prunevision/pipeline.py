@@ -1,0 +1,120 @@
+"""One trial, end to end: config → data → gated model → training → results on disk.
+
+Used by ``prunevision train`` and by the sweep layer. Writes, in ``out_dir``:
+``config.yaml`` (the resolved config, written before any work), ``checkpoint.pt`` (every
+``train.checkpoint_every`` epochs and at the end) and ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from prunevision.config import ConfigError, ExperimentConfig, save_config
+from prunevision.data import Dataset, load_dataset
+from prunevision.gates import gate_stats, iter_gates
+from prunevision.models import build_gated_model
+from prunevision.train import Reporter, TrainState, evaluate, fit, load_checkpoint, select_device
+from prunevision.data import DeviceLoader
+
+
+def resolve_config(cfg: ExperimentConfig, data: Dataset) -> ExperimentConfig:
+    """Fill what the data decides (number of classes, small-image stem)."""
+    if cfg.model.num_classes is not None and cfg.model.num_classes != data.num_classes:
+        raise ConfigError(
+            f"model.num_classes: {cfg.model.num_classes} but the dataset has {data.num_classes} classes"
+        )
+    small = cfg.model.small_input if cfg.model.small_input is not None else data.image_size <= 64
+    return cfg.replace(**{"model.num_classes": data.num_classes, "model.small_input": small})
+
+
+def run_training(
+    cfg: ExperimentConfig,
+    out_dir: str | Path,
+    *,
+    resume: str | Path | None = None,
+    reporter: Reporter | None = None,
+    log: Callable[[str], None] | None = print,
+) -> dict[str, Any]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = load_checkpoint(resume) if resume is not None else None
+    torch.manual_seed(cfg.seed)
+    device = select_device(cfg.train.device)
+    t_load = time.perf_counter()
+    data = load_dataset(cfg.data, seed=cfg.seed)
+    cfg = resolve_config(cfg, data)
+    save_config(cfg, out / "config.yaml")
+    data.to(device)
+    if log:
+        log(f"data: {data.name} from {data.source}: {len(data.train_y)} train / {len(data.test_y)} test images, "
+            f"{data.num_classes} classes, {data.image_size}px (ready in {time.perf_counter() - t_load:.1f}s)")
+    model = build_gated_model(cfg.model, cfg.gates, data.num_classes, data.image_size,
+                              pretrained=False if ckpt is not None else None)
+    n_gates = sum(m.values().numel() for _, m in iter_gates(model))
+    if log:
+        n_params = sum(p.numel() for p in model.parameters())
+        log(f"model: {cfg.model.name}, {n_params / 1e6:.2f} M parameters, {n_gates} gates; device {device}")
+
+    def report(record: dict[str, Any], save: Callable[[str | Path], Path]) -> None:
+        if record["epoch"] % cfg.train.checkpoint_every == 0:
+            save(out / "checkpoint.pt")
+        if reporter is not None:
+            reporter(record, save)
+
+    t0 = time.perf_counter()
+    state = fit(model, data, cfg, reporter=report, resume=ckpt, log=log)
+    train_time = time.perf_counter() - t0
+    state.save(out / "checkpoint.pt")
+    metrics = final_metrics(state, data, cfg, train_time, device)
+    write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def final_metrics(state: TrainState, data: Dataset, cfg: ExperimentConfig, train_time: float,
+                  device: torch.device) -> dict[str, Any]:
+    model = state.model
+    loader = DeviceLoader(data.test_x, data.test_y, cfg.data.eval_batch_size, data.mean, data.std, train=False)
+    ev = evaluate(model, loader, data.num_classes)
+    stats = gate_stats(model, cfg.prune.threshold)
+    return {
+        "accuracy": ev["accuracy"],
+        "test_loss": ev["loss"],
+        "per_class_accuracy": dict(zip(data.classes, ev["per_class_accuracy"])),
+        "mean_gate": stats["all"]["mean"],
+        "gates_below_threshold": stats["all"]["below_threshold"],
+        "gates": stats,
+        "params": sum(p.numel() for p in model.parameters()),
+        "epochs": state.epoch,
+        "train_time_s": train_time,
+        "history": state.history,
+        "dataset": {"name": data.name, "source": data.source, "train_images": len(data.train_y),
+                    "test_images": len(data.test_y), "classes": list(data.classes), "image_size": data.image_size},
+        "device": str(device),
+        "host": {"python": platform.python_version(), "torch": torch.__version__,
+                 "threads": torch.get_num_threads(), "machine": platform.machine()},
+        "config": cfg.to_dict(),
+    }
+
+
+def write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(_finite(obj), indent=2))
+    tmp.replace(path)
+
+
+def _finite(o: Any) -> Any:
+    """NaN/inf become null: metrics.json stays valid JSON."""
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_finite(v) for v in o]
+    return o

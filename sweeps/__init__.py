@@ -1,0 +1,1 @@
+"""Ray Tune layer (sweeps over prunevision trials). Lands with the sweep issue."""
