@@ -190,7 +190,7 @@ class ExperimentConfig:
         """Dotted-key view (``gates.lam`` → value), e.g. for MLflow params."""
         return flatten(self.to_dict())
 
-    def replace(self, **dotted: Any) -> "ExperimentConfig":
+    def replace(self, **dotted: Any) -> ExperimentConfig:
         """A copy with dotted-key overrides applied and validated."""
         return from_dict(self.to_dict(), overrides=dotted)
 

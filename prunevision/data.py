@@ -21,10 +21,10 @@ import pickle
 import shutil
 import tarfile
 import tempfile
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -64,7 +64,7 @@ class Dataset:
     def image_size(self) -> int:
         return int(self.train_x.shape[-1])
 
-    def to(self, device: torch.device | str) -> "Dataset":
+    def to(self, device: torch.device | str) -> Dataset:
         for k in ("train_x", "train_y", "test_x", "test_y"):
             setattr(self, k, getattr(self, k).to(device, non_blocking=True))
         return self

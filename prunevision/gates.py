@@ -17,8 +17,8 @@ channel dimension and prunes it together with its channels.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 from torch import nn

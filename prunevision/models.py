@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import difflib
 import os
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn

@@ -11,17 +11,17 @@ import json
 import math
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from prunevision.config import ConfigError, ExperimentConfig, save_config
-from prunevision.data import Dataset, load_dataset
+from prunevision.data import Dataset, DeviceLoader, load_dataset
 from prunevision.gates import gate_stats, iter_gates
 from prunevision.models import build_gated_model
 from prunevision.train import Reporter, TrainState, evaluate, fit, load_checkpoint, select_device
-from prunevision.data import DeviceLoader
 
 
 def resolve_config(cfg: ExperimentConfig, data: Dataset) -> ExperimentConfig:

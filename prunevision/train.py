@@ -17,9 +17,10 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -108,7 +109,9 @@ def select_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def make_optimizers(model: nn.Module, cfg: ExperimentConfig) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer | None]:
+def make_optimizers(
+    model: nn.Module, cfg: ExperimentConfig
+) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer | None]:
     gates = {id(p) for p in gate_parameters(model)}
     decay, no_decay = [], []
     for p in model.parameters():

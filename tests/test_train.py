@@ -1,0 +1,93 @@
+import pytest
+import torch
+
+from prunevision.config import ExperimentConfig, load_config
+from prunevision.data import load_dataset
+from prunevision.models import build_gated_model
+from prunevision.train import CheckpointError, fit, load_checkpoint
+
+
+def _cfg(**overrides) -> ExperimentConfig:
+    base = {
+        "data.name": "synthetic", "data.synthetic_train": 256, "data.synthetic_test": 128, "data.num_classes": 4,
+        "data.batch_size": 32, "data.image_size": 16, "model.name": "small_cnn", "train.epochs": 4,
+        "train.lr": 0.05, "gates.lam": 0.0, "gates.lr": 0.05,
+    }
+    base.update(overrides)
+    return load_config(None, base)
+
+
+def _train(cfg, **kw):
+    torch.manual_seed(cfg.seed)
+    data = load_dataset(cfg.data, seed=cfg.seed)
+    model = build_gated_model(cfg.model, cfg.gates, data.num_classes, data.image_size)
+    return fit(model, data, cfg, **kw), data
+
+
+def test_loss_falls_and_gates_stay_open_without_penalty():
+    state, _ = _train(_cfg())
+    h = state.history
+    assert len(h) == 4
+    assert h[-1]["task_loss"] < 0.7 * h[0]["task_loss"]
+    assert h[-1]["test_accuracy"] > 0.6  # 4 classes: chance is 0.25
+    assert h[-1]["mean_gate"] > 0.9
+    for key in ("task_loss", "penalty", "lam", "mean_gate", "gates_below_threshold", "test_accuracy", "lr"):
+        assert key in h[0]
+
+
+@pytest.mark.parametrize("mode", ["mean", "flops"])
+def test_large_lambda_closes_gates(mode):
+    state, _ = _train(_cfg(**{"gates.lam": 20.0, "gates.penalty": mode, "gates.lr": 0.2}))
+    h = state.history
+    assert h[-1]["mean_gate"] < h[0]["mean_gate"] - 0.3
+    assert h[-1]["gates_below_threshold"] > 0.5
+    assert all(r["lam"] == 20.0 for r in h)
+
+
+def test_resume_continues_without_repeating_epochs(tmp_path):
+    cfg = _cfg(**{"gates.lam": 1.0, "train.epochs": 3})
+    full, _ = _train(cfg)
+    ckpts = []
+
+    def stop_after_two(record, save):
+        ckpts.append(save(tmp_path / f"e{record['epoch']}"))
+        if record["epoch"] == 2:
+            raise KeyboardInterrupt  # a trial killed mid-run
+
+    with pytest.raises(KeyboardInterrupt):
+        _train(cfg, reporter=stop_after_two)
+    ckpt = load_checkpoint(ckpts[-1])
+    assert ckpt["epoch"] == 2 and len(ckpt["history"]) == 2
+    seen = []
+    resumed, _ = _train(cfg, resume=ckpt, reporter=lambda r, s: seen.append(r["epoch"]))
+    assert seen == [3]  # finished epochs are not run again
+    assert resumed.epoch == 3 and len(resumed.history) == 3
+    # the interrupted-and-resumed run ends where the uninterrupted one does
+    assert resumed.history[-1]["test_accuracy"] == pytest.approx(full.history[-1]["test_accuracy"], abs=1e-6)
+    for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-5), k
+
+
+def test_checkpoint_is_plain_tensors_and_corruption_is_reported(tmp_path):
+    state, _ = _train(_cfg(**{"train.epochs": 1}))
+    path = state.save(tmp_path / "ck")
+    torch.load(path, weights_only=True)  # no pickled code inside
+    ck = load_checkpoint(path)
+    assert ck["config"] == state.cfg
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        load_checkpoint(bad)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "none.pt")
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(2)}, other)
+    with pytest.raises(CheckpointError, match="not a prunevision training checkpoint"):
+        load_checkpoint(other)
+
+
+def test_resume_into_another_model_is_refused(tmp_path):
+    state, _ = _train(_cfg(**{"train.epochs": 1}))
+    ck = load_checkpoint(state.save(tmp_path / "ck"))
+    with pytest.raises(CheckpointError, match="another model"):
+        _train(_cfg(**{"train.epochs": 2, "model.name": "resnet18"}), resume=ck)
