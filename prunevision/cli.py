@@ -61,10 +61,21 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     metrics = run_training(cfg, args.out, resume=args.resume)
     out = Path(args.out)
-    print(f"accuracy {metrics['accuracy']:.4f}, mean gate {metrics['mean_gate']:.3f}, "
-          f"{metrics['gates_below_threshold']:.1%} of gates under τ={cfg.prune.threshold}")
-    print(f"results: {out / 'metrics.json'}  checkpoint: {out / 'checkpoint.pt'}  config: {out / 'config.yaml'}")
+    print_summary(metrics, out)
     return 0
+
+
+def print_summary(metrics: dict, out: Path) -> None:
+    line = f"accuracy {metrics['accuracy']:.4f}"
+    if "accuracy_dense" in metrics:
+        line += (f" (dense {metrics['accuracy_dense']:.4f}), param sparsity {metrics['param_sparsity']:.1%}, "
+                 f"MACs reduced {metrics['macs_reduction']:.2f}x")
+    if "latency_speedup" in metrics:
+        line += f", ONNX Runtime CPU batch-1 speed-up {metrics['latency_speedup']:.2f}x"
+    print(line)
+    files = [f for f in ("metrics.json", "model.onnx", "dense.onnx", "pruned.safetensors", "checkpoint.pt",
+                         "config.yaml", "gate_histogram.png") if (out / f).exists()]
+    print(f"results in {out}/: {', '.join(files)}")
 
 
 def main(argv: list[str] | None = None) -> int:

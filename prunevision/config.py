@@ -164,7 +164,14 @@ class PruneConfig:
     method: PruneMethod = "gate"
     threshold: float = 0.5  # τ: gates under it count as closed
     steps: int = 1  # iterative pruning steps (1 = one-shot)
-    target_sparsity: Optional[float] = None  # baselines: share of parameters to remove
+    # baselines: share of channels (structured) or weights (unstructured) to remove in all
+    target_sparsity: Optional[float] = None
+    round_to: Optional[int] = None  # kept widths rounded up to a multiple (e.g. 8)
+    min_channels: int = 1  # no layer is ever left narrower than this
+    max_layer_sparsity: Optional[float] = None  # per-layer cap on the share of channels removed
+    finetune_epochs: int = 1  # after pruning, and (iterative) between steps
+    finetune_lr: float = 0.01
+    calibration_batches: int = 8  # taylor: batches whose loss gradients rank the channels
 
     def __post_init__(self) -> None:
         _check_range("prune.threshold", self.threshold, low=0.0, high=1.0, low_open=True, high_open=True)
@@ -172,6 +179,36 @@ class PruneConfig:
         _check_range(
             "prune.target_sparsity", self.target_sparsity, low=0.0, high=1.0, high_open=True, optional=True
         )
+        _check_range("prune.round_to", self.round_to, low=1, optional=True)
+        _check_range("prune.min_channels", self.min_channels, low=1)
+        _check_range("prune.max_layer_sparsity", self.max_layer_sparsity, low=0.0, high=1.0, low_open=True,
+                     high_open=True, optional=True)
+        _check_range("prune.finetune_epochs", self.finetune_epochs, low=0)
+        _check_range("prune.finetune_lr", self.finetune_lr, low=0.0, low_open=True)
+        _check_range("prune.calibration_batches", self.calibration_batches, low=1)
+        if self.method != "gate" and self.target_sparsity is None:
+            raise ConfigError(f"prune.target_sparsity: required for prune.method={self.method}")
+
+
+@dataclass(frozen=True)
+class MeasureConfig:
+    enabled: bool = True  # prune, measure and export after training
+    latency: bool = True
+    batch: int = 64  # the larger batch measured besides batch 1
+    runs: int = 30
+    warmup: int = 10
+    threads: int = 1  # ONNX Runtime and PyTorch CPU threads while timing (recorded)
+    torch_latency: bool = True  # PyTorch eager on the training device as well
+    export: bool = True  # write model.onnx and dense.onnx
+    exporter: Literal["dynamo", "torchscript"] = "dynamo"
+
+    def __post_init__(self) -> None:
+        _check_range("measure.batch", self.batch, low=1)
+        _check_range("measure.runs", self.runs, low=30)
+        _check_range("measure.warmup", self.warmup, low=0)
+        _check_range("measure.threads", self.threads, low=1)
+        if self.latency and not self.export:
+            raise ConfigError("measure.latency: ONNX Runtime latency needs measure.export=true")
 
 
 @dataclass(frozen=True)
@@ -181,6 +218,7 @@ class ExperimentConfig:
     gates: GateConfig = field(default_factory=GateConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
+    measure: MeasureConfig = field(default_factory=MeasureConfig)
     seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:

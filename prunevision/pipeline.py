@@ -1,8 +1,11 @@
-"""One trial, end to end: config → data → gated model → training → results on disk.
+"""One trial, end to end: config → data → gated model → training → pruning (iterative) →
+fine-tuning → measurement → export.
 
 Used by ``prunevision train`` and by the sweep layer. Writes, in ``out_dir``:
-``config.yaml`` (the resolved config, written before any work), ``checkpoint.pt`` (every
-``train.checkpoint_every`` epochs and at the end) and ``metrics.json``.
+``config.yaml`` (the resolved config, written before any work), ``checkpoint.pt`` (the
+training checkpoint: every ``train.checkpoint_every`` epochs and at the end),
+``pruned.safetensors`` (the pruned model as data), ``model.onnx`` (pruned) and ``dense.onnx``
+(the trained network before pruning), ``gate_histogram.png`` and ``metrics.json``.
 """
 
 from __future__ import annotations
@@ -73,6 +76,11 @@ def run_training(
     train_time = time.perf_counter() - t0
     state.save(out / "checkpoint.pt")
     metrics = final_metrics(state, data, cfg, train_time, device)
+    if cfg.measure.enabled:
+        from prunevision.trial import prune_and_measure
+
+        metrics.update(prune_and_measure(state.model, data, cfg, out, log=log))
+        metrics["history"] = state.history + metrics.pop("prune_history")
     write_json(out / "metrics.json", metrics)
     return metrics
 

@@ -246,11 +246,11 @@ def fit(
         state.epoch = epoch + 1
         state.history.append(record)
         if log:
+            gates = (f"mean gate {record['mean_gate']:.3f}  closed {record['gates_below_threshold']:.1%}  "
+                     f"λ {record['lam']:.3g}  ") if gate_opt is not None else ""
             log(
                 f"epoch {epoch + 1}/{t_cfg.epochs}  loss {record['task_loss']:.3f}  "
-                f"acc {record['test_accuracy']:.4f}  mean gate {record['mean_gate']:.3f}  "
-                f"closed {record['gates_below_threshold']:.1%}  λ {record['lam']:.3g}  "
-                f"{record['images_per_s']:.0f} img/s"
+                f"acc {record['test_accuracy']:.4f}  {gates}{record['images_per_s']:.0f} img/s"
             )
         if reporter is not None:
             reporter(dict(record), state.save)

@@ -1,0 +1,111 @@
+"""Measurement, used by everything downstream: accuracy, parameters and MACs, size on disk,
+and latency of dense and pruned networks measured in the same run.
+
+Latency: ONNX Runtime on CPU (the default deployment target) and PyTorch eager on the
+training device; warm-up runs, then ``runs`` timed runs per model, interleaved in rounds so that
+a noisy neighbour slows both models alike; median and 90th percentile reported, thread count
+fixed and recorded. The speed-up is the ratio of the two medians.
+"""
+
+from __future__ import annotations
+
+import gzip
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch_pruning as tp
+from torch import nn
+
+
+def macs_and_params(model: nn.Module, image_size: int) -> tuple[int, int]:
+    """Multiply-accumulates of one image and the parameter count."""
+    was = model.training
+    model.eval()
+    dev = next(model.parameters()).device
+    macs, params = tp.utils.count_ops_and_params(model, torch.zeros(1, 3, image_size, image_size, device=dev))
+    model.train(was)
+    return int(macs), int(params)
+
+
+def size_on_disk(model: nn.Module) -> tuple[int, int]:
+    """Bytes of the saved weights (safetensors), raw and gzip-compressed (level 6).
+
+    Masked weights stay full size raw; their zeros only show in the compressed size.
+    """
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().contiguous().cpu().clone() for k, v in model.state_dict().items()}
+    raw = save(tensors)
+    return len(raw), len(gzip.compress(raw, compresslevel=6))
+
+
+def _summary(times_s: list[float]) -> dict[str, float]:
+    a = np.asarray(times_s) * 1000.0
+    return {"median_ms": float(np.median(a)), "p90_ms": float(np.percentile(a, 90)), "runs": int(len(a))}
+
+
+def _interleaved(fns: dict[str, Callable[[], None]], runs: int, warmup: int, rounds: int = 5) -> dict[str, dict]:
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    per_round = max(1, -(-runs // rounds))
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            for _ in range(per_round):
+                t0 = time.perf_counter()
+                fn()
+                times[k].append(time.perf_counter() - t0)
+    return {k: _summary(v) for k, v in times.items()}
+
+
+def onnx_latency(paths: dict[str, str | Path], image_size: int, batch: int = 1, runs: int = 30, warmup: int = 10,
+                 threads: int = 1) -> dict[str, dict]:
+    """ONNX Runtime CPU latency of each model, measured in the same run."""
+    import onnxruntime as ort
+
+    x = np.random.default_rng(0).standard_normal((batch, 3, image_size, image_size)).astype(np.float32)
+    fns = {}
+    for k, p in paths.items():
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        sess = ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"])
+        name = sess.get_inputs()[0].name
+        fns[k] = (lambda s=sess, n=name: s.run(None, {n: x}))
+    out = _interleaved(fns, runs, warmup)
+    for v in out.values():
+        v.update({"batch": batch, "threads": threads, "engine": "onnxruntime-cpu"})
+    return out
+
+
+def torch_latency(models: dict[str, nn.Module], image_size: int, device: torch.device | str, batch: int = 1,
+                  runs: int = 30, warmup: int = 10, threads: int | None = None) -> dict[str, dict]:
+    """PyTorch eager latency on ``device`` (CUDA synchronised around each run)."""
+    device = torch.device(device)
+    old_threads = torch.get_num_threads()
+    if threads and device.type == "cpu":
+        torch.set_num_threads(threads)
+    x = torch.randn(batch, 3, image_size, image_size, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    fns = {}
+    for k, m in models.items():
+        m.eval().to(device)
+
+        def run(m=m):
+            with torch.inference_mode():
+                m(x)
+            sync()
+
+        fns[k] = run
+    try:
+        out = _interleaved(fns, runs, warmup)
+    finally:
+        torch.set_num_threads(old_threads)
+    for v in out.values():
+        v.update({"batch": batch, "threads": threads or old_threads, "engine": f"torch-eager-{device.type}"})
+    return out

@@ -1,0 +1,350 @@
+"""Hard pruning: channels are removed for real with torch-pruning's DepGraph.
+
+``gate`` (ours) reads the trained gates through :class:`GateImportance`, a torch-pruning
+``Importance``: DepGraph finds the coupled layers (residual additions, depthwise convs,
+squeeze-and-excitation, the hybrid's concatenation) and a channel of a coupled group goes only
+when every gate in the group is under τ (group reduction: max). Gate scores are parameters of
+the channel dimension, so DepGraph prunes them along with their channels.
+
+Baselines go through the same pipeline: masks (``l1_unstructured``, ``random_unstructured``:
+sparse, same shapes, no speed-up) and structured group criteria from torch-pruning
+(``l1_structured``, ``l2_structured``, ``taylor``, ``bn_scale``, ``random_structured``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+import torch_pruning as tp
+from torch import nn
+from torch.nn.utils import prune as nn_prune
+
+from prunevision.gates import ChannelGate, PrunableLinear, iter_gates
+
+STRUCTURED = ("l1_structured", "l2_structured", "taylor", "bn_scale", "random_structured")
+UNSTRUCTURED = ("l1_unstructured", "random_unstructured")
+
+
+class PruneError(RuntimeError):
+    """Pruning could not be done as asked."""
+
+
+def step_ratio(target: float, steps: int) -> float:
+    """Share of what remains to prune at each of ``steps`` steps to reach ``target`` overall:
+    S_step = 1 − (1 − S_target)^(1/N)."""
+    if not 0 <= target < 1 or steps < 1:
+        raise ValueError("target must be in [0, 1) and steps ≥ 1")
+    return 1.0 - (1.0 - target) ** (1.0 / steps)
+
+
+def classifier_head(model: nn.Module) -> nn.Module | None:
+    """The layer whose outputs are the classes (kept whole)."""
+    last = None
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, PrunableLinear)):
+            last = m
+    if last is not None:
+        return last
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    return convs[-1] if convs else None
+
+
+# --------------------------------------------------------------------------- gates → plain layers
+
+
+@torch.no_grad()
+def strip_gates(model: nn.Module, threshold: float | None = None) -> nn.Module:
+    """Fold every gate's value into the adjacent affine parameters and remove the gate.
+
+    ``Sequential(norm, gate)`` becomes ``norm`` with γ·g and β·g (a gate right after a conv
+    scales that conv's weights and bias): the network computes exactly what it computed with
+    its gates. A :class:`PrunableLinear` becomes an ``nn.Linear`` with weight ⊙ g; weights whose
+    gate is under ``threshold`` become real zeros.
+    """
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, nn.Sequential) and len(child) == 2 and isinstance(child[1], ChannelGate):
+                inner, gate = child[0], child[1]
+                if _fold_channel_scale(inner, gate.values().detach()):
+                    setattr(module, child_name, inner)
+            elif isinstance(child, PrunableLinear):
+                setattr(module, child_name, _linear_from_prunable(child, threshold))
+    return model
+
+
+def _fold_channel_scale(layer: nn.Module, g: torch.Tensor) -> bool:
+    g = g.to(next(layer.parameters()).device) if any(True for _ in layer.parameters()) else g
+    if isinstance(layer, (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm2d)):
+        if getattr(layer, "weight", None) is None:
+            return False  # not affine: keep the gate as a fixed scale
+        layer.weight.mul_(g.to(layer.weight.dtype))
+        if layer.bias is not None:
+            layer.bias.mul_(g.to(layer.bias.dtype))
+        return True
+    if isinstance(layer, nn.Conv2d):
+        layer.weight.mul_(g.view(-1, 1, 1, 1).to(layer.weight.dtype))
+        if layer.bias is not None:
+            layer.bias.mul_(g.to(layer.bias.dtype))
+        return True
+    return False
+
+
+def _linear_from_prunable(p: PrunableLinear, threshold: float | None) -> nn.Linear:
+    g = p.values().detach()
+    w = p.weight.detach() * g
+    if threshold is not None:
+        w = torch.where(g < threshold, torch.zeros_like(w), w)
+    lin = nn.Linear(p.in_features, p.out_features, bias=p.bias is not None).to(w.device)
+    lin.weight.copy_(w)
+    if p.bias is not None:
+        lin.bias.copy_(p.bias.detach())
+    return lin
+
+
+# --------------------------------------------------------------------------- importance
+
+
+class GateImportance(tp.importance.GroupMagnitudeImportance):
+    """Per-channel importance of a DepGraph group = the largest gate value in the group.
+
+    Reads ChannelGate scores (DepGraph carries them as unwrapped parameters of the channel
+    dimension) and, for linear layers that had weight-level gates, the largest gate of each
+    output unit. Groups without a gate return None and are left alone.
+    """
+
+    def __init__(self, model: nn.Module, linear_unit_gates: dict[nn.Module, torch.Tensor] | None = None):
+        super().__init__(p=1, group_reduction="max", normalizer=None)
+        self.gates = {id(m.score): m for _, m in iter_gates(model) if isinstance(m, ChannelGate)}
+        self.linear_unit_gates = {id(k): v for k, v in (linear_unit_gates or {}).items()}
+
+    @torch.no_grad()
+    def __call__(self, group) -> torch.Tensor | None:
+        imps, idxs_list = [], []
+        for i, (dep, idxs) in enumerate(group):
+            layer = dep.layer
+            gate = self.gates.get(id(layer))
+            if gate is not None:
+                imps.append(gate.values().detach()[idxs].float())
+                idxs_list.append(group[i].root_idxs)
+            elif id(layer) in self.linear_unit_gates and dep.pruning_fn == tp.prune_linear_out_channels:
+                imps.append(self.linear_unit_gates[id(layer)][idxs].float())
+                idxs_list.append(group[i].root_idxs)
+        if not imps:
+            return None
+        return self._reduce(imps, idxs_list)
+
+
+# --------------------------------------------------------------------------- pruning
+
+
+@dataclass
+class PruneReport:
+    method: str
+    removed: dict[str, int] = field(default_factory=dict)  # root layer → channels removed
+    kept: dict[str, int] = field(default_factory=dict)
+
+    def merge(self, other: "PruneReport") -> None:
+        for k, v in other.removed.items():
+            self.removed[k] = self.removed.get(k, 0) + v
+        self.kept.update(other.kept)
+
+    @property
+    def channels_removed(self) -> int:
+        return sum(self.removed.values())
+
+
+def _names(model: nn.Module) -> dict[int, str]:
+    return {id(m): n for n, m in model.named_modules()}
+
+
+def _keep_count(n: int, n_closed: int, min_channels: int, round_to: int | None) -> int:
+    keep = max(n - n_closed, min(min_channels, n), 1)
+    if round_to:
+        keep = min(n, int(math.ceil(keep / round_to) * round_to))
+    return keep
+
+
+def prune_by_gates(
+    model: nn.Module,
+    example: torch.Tensor,
+    threshold: float,
+    *,
+    round_to: int | None = None,
+    min_channels: int = 1,
+    max_layer_sparsity: float | None = None,
+) -> PruneReport:
+    """Remove every channel whose coupled gates are all under ``threshold``.
+
+    Channel gates stay in the model (pruned along with their channels), so training under the
+    penalty can go on between iterative steps; call :func:`strip_gates` at the end.
+    PrunableLinear layers are turned into plain linear layers (weights ⊙ gate, closed weights
+    zero) and output units whose weights are all closed are removed. Layer widths never drop to
+    zero (``min_channels``), ``round_to`` rounds kept widths up to a multiple, the classifier
+    keeps all its outputs.
+    """
+    linear_gates: dict[nn.Module, torch.Tensor] = {}
+    with torch.no_grad():
+        for _, module in list(model.named_modules()):
+            for child_name, child in list(module.named_children()):
+                if isinstance(child, PrunableLinear):
+                    unit = child.values().detach().max(dim=1).values
+                    lin = _linear_from_prunable(child, threshold)
+                    setattr(module, child_name, lin)
+                    linear_gates[lin] = unit
+    head = classifier_head(model)
+    importance = GateImportance(model, linear_gates)
+    gates = [m for _, m in iter_gates(model) if isinstance(m, ChannelGate)]
+    was_training = model.training
+    model.eval()
+    DG = tp.DependencyGraph().build_dependency(
+        model, example_inputs=example, unwrapped_parameters=[(g.score, 0) for g in gates]
+    )
+    names = _names(model)
+    report = PruneReport("gate")
+    for group in DG.get_all_groups(ignored_layers=[head] if head is not None else [],
+                                   root_module_types=(nn.Conv2d, nn.Linear)):
+        imp = importance(group)
+        if imp is None:
+            continue
+        # grouped convs (RegNet, ResNeXt) keep equal group widths: judge a channel position across
+        # all groups and remove it from every group
+        ch_groups = _channel_groups(group)
+        if len(imp) % ch_groups:
+            continue
+        dim_imp = imp.view(ch_groups, -1).max(dim=0).values
+        n = len(dim_imp)
+        closed = (dim_imp < threshold).nonzero().flatten()
+        keep = _keep_count(n, len(closed), min_channels, round_to)
+        if max_layer_sparsity is not None:
+            keep = max(keep, int(math.ceil(n * (1 - max_layer_sparsity))))
+        n_remove = n - keep
+        if n_remove <= 0:
+            continue
+        order = torch.argsort(dim_imp[closed])  # least open first
+        pos = closed[order][:n_remove]
+        idxs = torch.cat([pos + n * k for k in range(ch_groups)]).tolist()
+        root = group[0].dep.target.module
+        pg = DG.get_pruning_group(root, group[0].dep.handler, idxs)
+        if DG.check_pruning_group(pg):
+            pg.prune()
+            report.removed[names.get(id(root), type(root).__name__)] = len(idxs)
+            report.kept[names.get(id(root), type(root).__name__)] = keep
+    model.train(was_training)
+    return report
+
+
+def _channel_groups(group) -> int:
+    groups = [1]
+    for dep, _ in group:
+        m = dep.target.module
+        if isinstance(m, nn.Conv2d) and m.groups > 1 and not (m.groups == m.in_channels == m.out_channels):
+            groups.append(m.groups)
+    return max(groups)
+
+
+def structured_importance(method: str) -> tp.importance.Importance:
+    if method == "l1_structured":
+        return tp.importance.GroupMagnitudeImportance(p=1)
+    if method == "l2_structured":
+        return tp.importance.GroupMagnitudeImportance(p=2)
+    if method == "bn_scale":
+        return tp.importance.BNScaleImportance()
+    if method == "taylor":
+        return tp.importance.GroupTaylorImportance()
+    if method == "random_structured":
+        return tp.importance.RandomImportance()
+    raise PruneError(f"prune.method: {method!r} is not a structured method")
+
+
+def prune_structured(
+    model: nn.Module,
+    example: torch.Tensor,
+    method: str,
+    ratio: float,
+    *,
+    round_to: int | None = None,
+    max_layer_sparsity: float | None = None,
+    calibration: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> PruneReport:
+    """Remove ``ratio`` of every prunable group's channels by a torch-pruning group criterion.
+
+    ``taylor`` needs ``calibration`` batches (their loss gradients rank the channels).
+    """
+    head = classifier_head(model)
+    imp = structured_importance(method)
+    was_training = model.training
+    model.eval()
+    pruner = tp.pruner.BasePruner(
+        model, example, importance=imp, pruning_ratio=ratio,
+        max_pruning_ratio=max_layer_sparsity if max_layer_sparsity is not None else 0.95,
+        ignored_layers=[head] if head is not None else [], round_to=round_to, global_pruning=False,
+    )
+    if method == "taylor":
+        if calibration is None:
+            raise PruneError("prune.method=taylor needs calibration batches")
+        model.zero_grad()
+        for x, y in calibration:
+            nn.functional.cross_entropy(model(x), y).backward()
+    names = _names(model)
+    report = PruneReport(method)
+    for group in pruner.step(interactive=True):
+        root = group[0].dep.target.module
+        report.removed[names.get(id(root), type(root).__name__)] = len(group[0].idxs)
+        group.prune()
+    model.zero_grad(set_to_none=True)
+    model.train(was_training)
+    return report
+
+
+def apply_unstructured(model: nn.Module, method: str, ratio: float) -> PruneReport:
+    """Mask ``ratio`` of all conv/linear weights (global L1 or random). Shapes stay; the masks
+    stay attached (so fine-tuning keeps the zeros) until :func:`remove_masks`."""
+    params = [(m, "weight") for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    if not params:
+        raise PruneError("the model has no conv or linear weights to mask")
+    fn = nn_prune.L1Unstructured if method == "l1_unstructured" else nn_prune.RandomUnstructured
+    nn_prune.global_unstructured(params, pruning_method=fn, amount=ratio)
+    n = sum(m.weight.numel() for m, _ in params)
+    return PruneReport(method, removed={"weights": int(round(n * ratio))})
+
+
+def remove_masks(model: nn.Module) -> None:
+    for m in model.modules():
+        if nn_prune.is_pruned(m) and hasattr(m, "weight_mask"):
+            nn_prune.remove(m, "weight")
+
+
+def zero_fraction(model: nn.Module) -> float:
+    """Share of exactly-zero weights in conv and linear layers."""
+    zeros = total = 0
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            w = m.weight
+            zeros += int((w == 0).sum())
+            total += w.numel()
+    return zeros / max(total, 1)
+
+
+def prune_step(
+    model: nn.Module,
+    example: torch.Tensor,
+    method: str,
+    *,
+    threshold: float,
+    ratio: float,
+    round_to: int | None = None,
+    min_channels: int = 1,
+    max_layer_sparsity: float | None = None,
+    calibration: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]] | None = None,
+) -> PruneReport:
+    """One pruning step of any method (``ratio``: share of what remains, for baselines)."""
+    if method == "gate":
+        return prune_by_gates(model, example, threshold, round_to=round_to, min_channels=min_channels,
+                              max_layer_sparsity=max_layer_sparsity)
+    if method in UNSTRUCTURED:
+        return apply_unstructured(model, method, ratio)
+    return prune_structured(model, example, method, ratio, round_to=round_to, max_layer_sparsity=max_layer_sparsity,
+                            calibration=calibration() if calibration else None)

@@ -1,0 +1,191 @@
+"""After training: prune (one-shot or iterative), fine-tune, measure dense against pruned in the
+same run, export both to verified ONNX, save the pruned model as data."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from prunevision.checkpoint import save_pruned
+from prunevision.config import ExperimentConfig
+from prunevision.data import Dataset, DeviceLoader
+from prunevision.export import export_onnx
+from prunevision.gates import ChannelGate, gate_values, iter_gates
+from prunevision.measure import macs_and_params, onnx_latency, size_on_disk, torch_latency
+from prunevision.prune import (
+    UNSTRUCTURED,
+    PruneReport,
+    prune_step,
+    remove_masks,
+    step_ratio,
+    strip_gates,
+    zero_fraction,
+)
+from prunevision.train import evaluate, fit
+
+
+def gate_sparsity(model: nn.Module, threshold: float) -> float:
+    """Share of channel gates under τ (weight gates when the model has no channel gates)."""
+    chan = [m.values().detach().reshape(-1) for _, m in iter_gates(model) if isinstance(m, ChannelGate)]
+    vals = chan or [m.values().detach().reshape(-1) for _, m in iter_gates(model)]
+    if not vals:
+        return 0.0
+    v = torch.cat(vals)
+    return float((v < threshold).float().mean())
+
+
+def finetune(model: nn.Module, data: Dataset, cfg: ExperimentConfig, epochs: int, *, penalty: bool, phase: str,
+             log: Callable[[str], None] | None) -> list[dict[str, Any]]:
+    """Train a (pruned) model for a few epochs: under the gate penalty between iterative gate
+    steps, without it (and without gates) after the last step."""
+    ft = cfg.replace(**{
+        "train.epochs": epochs, "train.lr": cfg.prune.finetune_lr, "train.lr_schedule": "cosine",
+        "gates.schedule": "constant", "gates.lam": cfg.gates.lam if penalty else 0.0,
+        "gates.temperature_final": None,
+    })
+    state = fit(model, data, ft, log=(lambda m: log(f"[{phase}] {m}")) if log else None)
+    return [dict(r, phase=phase) for r in state.history]
+
+
+def calibration_batches(data: Dataset, cfg: ExperimentConfig):
+    loader = DeviceLoader(data.train_x, data.train_y, cfg.data.batch_size, data.mean, data.std, train=True,
+                          augment=False, seed=cfg.seed + 7)
+    return lambda: [b for _, b in zip(range(cfg.prune.calibration_batches), loader)]
+
+
+def prune_and_measure(model: nn.Module, data: Dataset, cfg: ExperimentConfig, out: Path,
+                      log: Callable[[str], None] | None = print) -> dict[str, Any]:
+    p, m_cfg = cfg.prune, cfg.measure
+    size = data.image_size
+    dev = data.train_x.device
+    test = DeviceLoader(data.test_x, data.test_y, cfg.data.eval_batch_size, data.mean, data.std, train=False)
+    model = model.to(memory_format=torch.contiguous_format)
+    write_gate_histogram(model, p.threshold, out / "gate_histogram.png")
+    g_sparsity = gate_sparsity(model, p.threshold)
+
+    dense = strip_gates(copy.deepcopy(model))  # the trained network, gates folded in, nothing removed
+    ev_dense = evaluate(dense, test, data.num_classes)
+
+    pruned = model
+    example = torch.zeros(1, 3, size, size, device=dev)
+    history: list[dict[str, Any]] = []
+    report = PruneReport(p.method)
+    ratio = step_ratio(p.target_sparsity, p.steps) if p.target_sparsity is not None else 0.0
+    if p.method != "gate":
+        strip_gates(pruned)
+    for step in range(p.steps):
+        if p.method == "gate" and step > 0 and p.finetune_epochs > 0:
+            history += finetune(pruned, data, cfg, p.finetune_epochs, penalty=True, phase=f"gate-step{step + 1}",
+                                log=log)
+        rep = prune_step(pruned, example, p.method, threshold=p.threshold, ratio=ratio, round_to=p.round_to,
+                         min_channels=p.min_channels, max_layer_sparsity=p.max_layer_sparsity,
+                         calibration=calibration_batches(data, cfg))
+        report.merge(rep)
+        if log:
+            log(f"prune step {step + 1}/{p.steps} ({p.method}): {rep.channels_removed} channels/weights removed")
+        if p.method != "gate" and step < p.steps - 1 and p.finetune_epochs > 0:
+            history += finetune(pruned, data, cfg, p.finetune_epochs, penalty=False, phase=f"finetune-step{step + 1}",
+                                log=log)
+    if p.method == "gate":
+        strip_gates(pruned, p.threshold)
+    acc_before_ft = evaluate(pruned, test, data.num_classes)["accuracy"]
+    if p.finetune_epochs > 0:
+        history += finetune(pruned, data, cfg, p.finetune_epochs, penalty=False, phase="finetune", log=log)
+    if p.method in UNSTRUCTURED:
+        remove_masks(pruned)
+    ev = evaluate(pruned, test, data.num_classes)
+
+    dense, pruned = dense.cpu().eval(), pruned.cpu().eval()
+    macs_d, params_d = macs_and_params(dense, size)
+    macs_p, params_p = macs_and_params(pruned, size)
+    size_d, gz_d = size_on_disk(dense)
+    size_p, gz_p = size_on_disk(pruned)
+    save_pruned(pruned, out / "pruned.safetensors", cfg.model, data.num_classes, size,
+                extra={"method": p.method, "mean": list(data.mean), "std": list(data.std),
+                       "classes": list(data.classes), "accuracy": ev["accuracy"]})
+    metrics: dict[str, Any] = {
+        "method": p.method,
+        "accuracy": ev["accuracy"],
+        "accuracy_dense": ev_dense["accuracy"],
+        "accuracy_before_finetune": acc_before_ft,
+        "per_class_accuracy": dict(zip(data.classes, ev["per_class_accuracy"])),
+        "per_class_accuracy_dense": dict(zip(data.classes, ev_dense["per_class_accuracy"])),
+        "params": params_p, "params_dense": params_d,
+        "macs": macs_p, "macs_dense": macs_d,
+        "param_sparsity": 1.0 - params_p / params_d,
+        "macs_reduction": macs_d / max(macs_p, 1),
+        "gate_sparsity": g_sparsity,
+        "zero_fraction": zero_fraction(pruned),
+        "size_bytes": size_p, "size_gzip_bytes": gz_p,
+        "size_bytes_dense": size_d, "size_gzip_bytes_dense": gz_d,
+        "channels_removed": report.removed,
+        "prune_history": history,
+        "input": {"size": size, "mean": list(data.mean), "std": list(data.std), "layout": "NCHW float32"},
+    }
+    if m_cfg.export:
+        real = [data.test_x[:8].cpu()]
+        real = [((x.float() - torch.tensor(data.mean).view(1, 3, 1, 1) * 255) /
+                 (torch.tensor(data.std).view(1, 3, 1, 1) * 255)) for x in real]
+        e_p = export_onnx(pruned, out / "model.onnx", size, check_inputs=real, exporter=m_cfg.exporter)
+        e_d = export_onnx(dense, out / "dense.onnx", size, check_inputs=real, exporter=m_cfg.exporter)
+        metrics["onnx_max_abs_diff"] = max(e_p["max_abs_diff"], e_d["max_abs_diff"])
+        metrics["onnx_size_bytes"] = e_p["size_bytes"]
+        metrics["onnx_size_bytes_dense"] = e_d["size_bytes"]
+    if m_cfg.latency:
+        paths = {"dense": out / "dense.onnx", "pruned": out / "model.onnx"}
+        lat = {}
+        for b in sorted({1, m_cfg.batch}):
+            lat[f"onnxruntime_cpu_b{b}"] = onnx_latency(paths, size, batch=b, runs=m_cfg.runs, warmup=m_cfg.warmup,
+                                                        threads=m_cfg.threads)
+        if m_cfg.torch_latency:
+            tdev = dev if dev.type == "cuda" else torch.device("cpu")
+            for b in sorted({1, m_cfg.batch}):
+                lat[f"torch_{tdev.type}_b{b}"] = torch_latency({"dense": dense, "pruned": pruned}, size, tdev, batch=b,
+                                                               runs=m_cfg.runs, warmup=m_cfg.warmup,
+                                                               threads=m_cfg.threads)
+        b1 = lat["onnxruntime_cpu_b1"]
+        metrics.update({
+            "latency_ms": b1["pruned"]["median_ms"], "latency_ms_p90": b1["pruned"]["p90_ms"],
+            "latency_ms_dense": b1["dense"]["median_ms"], "latency_ms_dense_p90": b1["dense"]["p90_ms"],
+            "latency_speedup": b1["dense"]["median_ms"] / b1["pruned"]["median_ms"],
+            "latency": lat,
+        })
+    if log:
+        msg = (f"pruned ({p.method}): accuracy {ev['accuracy']:.4f} (dense {ev_dense['accuracy']:.4f}), "
+               f"params {params_p / 1e6:.3f} M of {params_d / 1e6:.3f} M, MACs {macs_p / 1e6:.1f} M of "
+               f"{macs_d / 1e6:.1f} M")
+        if "latency_speedup" in metrics:
+            msg += (f", ONNX Runtime CPU b1 {metrics['latency_ms']:.3f} ms vs {metrics['latency_ms_dense']:.3f} ms "
+                    f"({metrics['latency_speedup']:.2f}x)")
+        log(msg)
+    return metrics
+
+
+def write_gate_histogram(model: nn.Module, threshold: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    vals = gate_values(model)
+    chan = [v.reshape(-1) for n, v in vals.items() if isinstance(model.get_submodule(n), ChannelGate)]
+    weight = [v.reshape(-1) for n, v in vals.items() if not isinstance(model.get_submodule(n), ChannelGate)]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    bins = torch.linspace(0, 1, 51).numpy()
+    if chan:
+        ax.hist(torch.cat(chan).numpy(), bins=bins, alpha=0.75, label=f"channel gates ({sum(map(len, chan))})")
+    if weight:
+        ax.hist(torch.cat(weight).numpy(), bins=bins, alpha=0.5, label=f"weight gates ({sum(map(len, weight))})")
+    ax.axvline(threshold, color="crimson", linestyle="--", label=f"threshold τ = {threshold:g}")
+    ax.set_yscale("log")
+    ax.set_xlabel("gate value sigmoid(score / T)")
+    ax.set_ylabel("number of gates (log scale)")
+    ax.set_title("Gate values after training")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
