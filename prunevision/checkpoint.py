@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -121,7 +122,10 @@ def load_pruned(path: str | Path, device: str | torch.device = "cpu") -> nn.Modu
         mcfg = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["model"].items()})
     except (TypeError, ConfigError) as e:
         raise PrunedCheckpointError(f"{path}: its model description is invalid: {e}") from None
+    from prunevision.prune import strip_gates
+
     model = create_model(mcfg, int(meta["num_classes"]), int(meta["image_size"]), pretrained=False)
+    strip_gates(model)  # saved models are gate-free: PrunableLinear layers are plain linear layers
     modules = dict(model.named_modules())
     for name, w in meta["layers"].items():
         m = modules.get(name)
@@ -129,8 +133,10 @@ def load_pruned(path: str | Path, device: str | torch.device = "cpu") -> nn.Modu
             raise PrunedCheckpointError(f"{path}: layer {name!r} does not exist in {mcfg.name}")
         _resize(m, w)
     _reshape_to(model, tensors, path)
+    state = OrderedDict(tensors)
+    state._metadata = getattr(model.state_dict(), "_metadata", None)  # module versions, from the builder
     try:
-        model.load_state_dict(tensors, strict=True)
+        model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise PrunedCheckpointError(f"{path} does not fit {mcfg.name}: {' '.join(str(e).split())[:300]}") from None
     model.to(device).eval()
@@ -138,7 +144,8 @@ def load_pruned(path: str | Path, device: str | torch.device = "cpu") -> nn.Modu
         with torch.no_grad():
             model(torch.zeros(1, 3, meta["image_size"], meta["image_size"], device=device))
     except RuntimeError as e:
-        raise PrunedCheckpointError(f"{path}: the rebuilt model does not run: {' '.join(str(e).split())[:300]}") from None
+        msg = " ".join(str(e).split())[:300]
+        raise PrunedCheckpointError(f"{path}: the rebuilt model does not run: {msg}") from None
     return model
 
 

@@ -15,6 +15,9 @@ SMOKE_OVERRIDES = {
     "data.eval_batch_size": 64,
     "data.synthetic_train": 64,
     "data.synthetic_test": 32,
+    "prune.finetune_epochs": 1,
+    "measure.batch": 4,
+    "measure.warmup": 2,
 }
 
 
@@ -29,6 +32,24 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
                    help="continue from a checkpoint (its config, with --set overrides on top)")
     p.add_argument("--smoke-test", action="store_true",
                    help="one short epoch on tiny data (synthetic unless data.name/data.root is set)")
+
+
+def _prune_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("prune", help="prune, fine-tune, measure and export a trained checkpoint",
+                       description="Prune a training checkpoint (from `prunevision train`) and measure it.")
+    p.add_argument("checkpoint", help="training checkpoint (checkpoint.pt or its folder)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override prune.*/measure.*/data.* keys, e.g. prune.threshold=0.3")
+    p.add_argument("--out", required=True, help="output folder")
+
+
+def _export_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export a checkpoint to verified ONNX",
+                       description="Export a pruned checkpoint (pruned.safetensors) or a training checkpoint "
+                                   "(gates folded in) to ONNX, checked against PyTorch with ONNX Runtime.")
+    p.add_argument("checkpoint")
+    p.add_argument("--out", required=True, help="ONNX file to write")
+    p.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo")
 
 
 def build_config(args: argparse.Namespace) -> ExperimentConfig:
@@ -65,6 +86,67 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prune(args: argparse.Namespace) -> int:
+    from prunevision.config import from_dict
+    from prunevision.data import load_dataset
+    from prunevision.models import build_gated_model
+    from prunevision.pipeline import write_json
+    from prunevision.train import CheckpointError, load_checkpoint, select_device
+    from prunevision.trial import prune_and_measure
+
+    ckpt = load_checkpoint(args.checkpoint)
+    overrides = parse_overrides(args.overrides)
+    bad = [k for k in overrides if k.split(".")[0] in ("model", "gates", "train")]
+    if bad:
+        raise ConfigError(f"{bad[0]}: prune keeps the trained model; only prune.*, measure.* and data.* can change")
+    cfg = from_dict(ckpt["config"].to_dict(), overrides)
+    out = Path(args.out)
+    device = select_device(cfg.train.device)
+    data = load_dataset(cfg.data, seed=cfg.seed)
+    model = build_gated_model(cfg.model, cfg.gates, data.num_classes, data.image_size, pretrained=False)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint does not fit its model: {' '.join(str(e).split())[:300]}") from None
+    out.mkdir(parents=True, exist_ok=True)
+    from prunevision.config import save_config
+
+    save_config(cfg, out / "config.yaml")
+    metrics = prune_and_measure(model.to(device), data.to(device), cfg, out)
+    metrics["history"] = ckpt["history"] + metrics.pop("prune_history")
+    metrics["config"] = cfg.to_dict()
+    write_json(out / "metrics.json", metrics)
+    print_summary(metrics, out)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from prunevision.checkpoint import load_pruned, read_pruned
+    from prunevision.export import export_onnx
+
+    path = Path(args.checkpoint)
+    if path.suffix == ".safetensors":
+        model = load_pruned(path)
+        size = int(read_pruned(path)[0]["image_size"])
+    else:
+        from prunevision.models import build_gated_model
+        from prunevision.prune import strip_gates
+        from prunevision.train import load_checkpoint
+
+        ckpt = load_checkpoint(path)
+        cfg = ckpt["config"]
+        if cfg.model.num_classes is None:
+            raise ConfigError("the checkpoint's config has no resolved model.num_classes")
+        size = int(ckpt.get("image_size", 32))
+        model = build_gated_model(cfg.model, cfg.gates, cfg.model.num_classes, size, pretrained=False)
+        model.load_state_dict(ckpt["model"])
+        strip_gates(model)
+    r = export_onnx(model, args.out, size, exporter=args.exporter)
+    print(f"wrote {r['path']} ({r['size_bytes'] / 1e6:.2f} MB); ONNX Runtime vs PyTorch max abs diff "
+          f"{r['max_abs_diff']:.2e} over {r['checked_batches']} batches")
+    return 0
+
+
 def print_summary(metrics: dict, out: Path) -> None:
     line = f"accuracy {metrics['accuracy']:.4f}"
     if "accuracy_dense" in metrics:
@@ -82,14 +164,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="prunevision", description="Learn which channels a CNN can do without.")
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
+    _prune_parser(sub)
+    _export_parser(sub)
     args = parser.parse_args(argv)
+    from prunevision.checkpoint import PrunedCheckpointError
     from prunevision.data import DatasetError
+    from prunevision.export import ExportError
     from prunevision.models import PretrainedWeightsError
+    from prunevision.prune import PruneError
     from prunevision.train import CheckpointError
 
     try:
-        return {"train": cmd_train}[args.command](args)
-    except (ConfigError, DatasetError, PretrainedWeightsError, CheckpointError, FloatingPointError) as e:
+        return {"train": cmd_train, "prune": cmd_prune, "export": cmd_export}[args.command](args)
+    except (ConfigError, DatasetError, PretrainedWeightsError, CheckpointError, PrunedCheckpointError, ExportError,
+            PruneError, FloatingPointError) as e:
         print(f"prunevision: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

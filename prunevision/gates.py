@@ -268,7 +268,8 @@ def instrument(
         inner = getattr(parent, child)
         gate = ChannelGate(site.channels, init=init, temperature=temperature)
         gate.cost_per_channel = site.macs_per_channel
-        gate.layer_name = site.conv
+        # the conv this gate controls (wrapped as "<name>.0" when the gate follows it directly)
+        gate.layer_name = site.conv if site.after != site.conv else f"{site.conv}.0"
         setattr(parent, child, nn.Sequential(inner, gate))
     for name, m in model.named_modules():
         if isinstance(m, PrunableLinear):

@@ -14,8 +14,8 @@ sparse, same shapes, no speed-up) and structured group criteria from torch-pruni
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
 
 import torch
 import torch_pruning as tp
@@ -64,7 +64,7 @@ def strip_gates(model: nn.Module, threshold: float | None = None) -> nn.Module:
     its gates. A :class:`PrunableLinear` becomes an ``nn.Linear`` with weight ⊙ g; weights whose
     gate is under ``threshold`` become real zeros.
     """
-    for name, module in list(model.named_modules()):
+    for _, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.Sequential) and len(child) == 2 and isinstance(child[1], ChannelGate):
                 inner, gate = child[0], child[1]
@@ -146,7 +146,7 @@ class PruneReport:
     removed: dict[str, int] = field(default_factory=dict)  # root layer → channels removed
     kept: dict[str, int] = field(default_factory=dict)
 
-    def merge(self, other: "PruneReport") -> None:
+    def merge(self, other: PruneReport) -> None:
         for k, v in other.removed.items():
             self.removed[k] = self.removed.get(k, 0) + v
         self.kept.update(other.kept)
@@ -199,9 +199,10 @@ def prune_by_gates(
     gates = [m for _, m in iter_gates(model) if isinstance(m, ChannelGate)]
     was_training = model.training
     model.eval()
-    DG = tp.DependencyGraph().build_dependency(
-        model, example_inputs=example, unwrapped_parameters=[(g.score, 0) for g in gates]
-    )
+    with torch.enable_grad():  # DepGraph traces with autograd
+        DG = tp.DependencyGraph().build_dependency(
+            model, example_inputs=example, unwrapped_parameters=[(g.score, 0) for g in gates]
+        )
     names = _names(model)
     report = PruneReport("gate")
     for group in DG.get_all_groups(ignored_layers=[head] if head is not None else [],
@@ -277,17 +278,19 @@ def prune_structured(
     imp = structured_importance(method)
     was_training = model.training
     model.eval()
-    pruner = tp.pruner.BasePruner(
-        model, example, importance=imp, pruning_ratio=ratio,
-        max_pruning_ratio=max_layer_sparsity if max_layer_sparsity is not None else 0.95,
-        ignored_layers=[head] if head is not None else [], round_to=round_to, global_pruning=False,
-    )
+    with torch.enable_grad():  # DepGraph traces with autograd
+        pruner = tp.pruner.BasePruner(
+            model, example, importance=imp, pruning_ratio=ratio,
+            max_pruning_ratio=max_layer_sparsity if max_layer_sparsity is not None else 0.95,
+            ignored_layers=[head] if head is not None else [], round_to=round_to, global_pruning=False,
+        )
     if method == "taylor":
         if calibration is None:
             raise PruneError("prune.method=taylor needs calibration batches")
         model.zero_grad()
-        for x, y in calibration:
-            nn.functional.cross_entropy(model(x), y).backward()
+        with torch.enable_grad():
+            for x, y in calibration:
+                nn.functional.cross_entropy(model(x), y).backward()
     names = _names(model)
     report = PruneReport(method)
     for group in pruner.step(interactive=True):

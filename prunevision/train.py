@@ -50,6 +50,7 @@ class TrainState:
     gate_optimizer: torch.optim.Optimizer | None
     cfg: ExperimentConfig
     epoch: int = 0  # completed epochs
+    image_size: int = 32
     history: list[dict[str, Any]] = field(default_factory=list)
 
     def save(self, path: str | Path) -> Path:
@@ -63,6 +64,7 @@ class TrainState:
             "version": CHECKPOINT_VERSION,
             "config": json.dumps(self.cfg.to_dict()),
             "epoch": self.epoch,
+            "image_size": self.image_size,
             "history": json.dumps(self.history),
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -175,7 +177,7 @@ def fit(
     if channels_last:
         model.to(memory_format=torch.channels_last)
     opt, gate_opt = make_optimizers(model, cfg)
-    state = TrainState(model, opt, gate_opt, cfg)
+    state = TrainState(model, opt, gate_opt, cfg, image_size=data.image_size)
     if resume is not None:
         _restore(state, resume)
     g_cfg, t_cfg = cfg.gates, cfg.train

@@ -4,8 +4,9 @@ same run, export both to verified ONNX, save the pruned model as data."""
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
