@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import tempfile
 import time
@@ -46,20 +47,32 @@ def close_share(model: torch.nn.Module, share: float) -> None:
                 g.score.copy_(torch.where(closed, -10.0, 6.0).to(g.score.dtype))
 
 
-def variants(name: str, shares: list[float]) -> dict[str, torch.nn.Module]:
+def variants(name: str, shares: list[float], round_to: int | None = None) -> dict[str, torch.nn.Module]:
     torch.manual_seed(0)
     base = build_gated_model(ModelConfig(name=name, small_input=True), GateConfig(), 10, SIZE).eval()
     out = {"dense": strip_gates(copy.deepcopy(base))}
     for s in shares:
         m = copy.deepcopy(base)
         close_share(m, s)
-        prune_by_gates(m, torch.zeros(1, 3, SIZE, SIZE), 0.5)
+        prune_by_gates(m, torch.zeros(1, 3, SIZE, SIZE), 0.5, round_to=round_to)
         out[f"pruned_{int(s * 100)}"] = strip_gates(m, 0.5)
         masked = strip_gates(copy.deepcopy(base))
         apply_unstructured(masked, "l1_unstructured", s)
         remove_masks(masked)
         out[f"masked_{int(s * 100)}"] = masked
     return out
+
+
+def machine() -> str:
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores"
 
 
 def main() -> None:
@@ -70,6 +83,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--round-to", type=int, default=8, help="kept widths rounded up to a multiple (0: off)")
     ap.add_argument("--exporter", default="dynamo", choices=("dynamo", "torchscript"))
     ap.add_argument("--out", default="benchmarks/results/prune_latency.json")
     ap.add_argument("--smoke-test", action="store_true", help="one small model, batch 1, 30 runs, no warm-up")
@@ -81,14 +95,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     result = {"command": "benchmarks/prune_latency.py " + " ".join(
                   f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out", "smoke_test")),
-              "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
+              "date": time.strftime("%Y-%m-%d"), "machine": machine(),
               "torch": torch.__version__, "threads": args.threads, "models": {}}
     import onnxruntime
 
     result["onnxruntime"] = onnxruntime.__version__
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
-            vs = variants(name, shares)
+            vs = variants(name, shares, args.round_to or None)
             paths, rows = {}, {}
             for k, m in vs.items():
                 macs, params = macs_and_params(m, SIZE)

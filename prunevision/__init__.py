@@ -4,6 +4,7 @@ Gates (sigmoid of a learnable score) sit on every prunable conv's channels; trai
 λ(t) · penalty(gates) to the task loss so that unneeded channels close.
 """
 
+from prunevision.checkpoint import PrunedCheckpointError, load_pruned, save_pruned
 from prunevision.config import (
     ConfigError,
     DataConfig,
@@ -15,6 +16,7 @@ from prunevision.config import (
     load_config,
 )
 from prunevision.data import Dataset, DatasetError, load_dataset
+from prunevision.export import ExportError, export_onnx
 from prunevision.gates import ChannelGate, PrunableLinear, gate_stats, instrument, iter_gates, penalty
 from prunevision.models import (
     PretrainedWeightsError,
@@ -24,11 +26,21 @@ from prunevision.models import (
     register_model,
 )
 from prunevision.pipeline import run_training
+from prunevision.prune import GateImportance, prune_by_gates, prune_structured, strip_gates
 from prunevision.train import CheckpointError, evaluate, fit, load_checkpoint
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ExportError",
+    "GateImportance",
+    "PrunedCheckpointError",
+    "export_onnx",
+    "load_pruned",
+    "prune_by_gates",
+    "prune_structured",
+    "save_pruned",
+    "strip_gates",
     "ChannelGate",
     "CheckpointError",
     "ConfigError",
