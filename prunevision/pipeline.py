@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from prunevision.config import ConfigError, ExperimentConfig, save_config
+from prunevision.console import echo
 from prunevision.data import Dataset, DeviceLoader, load_dataset
 from prunevision.gates import gate_stats, iter_gates
 from prunevision.models import build_gated_model
@@ -43,7 +44,7 @@ def run_training(
     *,
     resume: str | Path | None = None,
     reporter: Reporter | None = None,
-    log: Callable[[str], None] | None = print,
+    log: Callable[[str], None] | None = echo,
 ) -> dict[str, Any]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ from torch import nn
 
 from prunevision.checkpoint import save_pruned
 from prunevision.config import ExperimentConfig
+from prunevision.console import echo
 from prunevision.data import Dataset, DeviceLoader
 from prunevision.export import export_onnx
 from prunevision.gates import ChannelGate, gate_values, iter_gates
@@ -59,7 +60,7 @@ def calibration_batches(data: Dataset, cfg: ExperimentConfig):
 
 
 def prune_and_measure(model: nn.Module, data: Dataset, cfg: ExperimentConfig, out: Path,
-                      log: Callable[[str], None] | None = print) -> dict[str, Any]:
+                      log: Callable[[str], None] | None = echo) -> dict[str, Any]:
     p, m_cfg = cfg.prune, cfg.measure
     size = data.image_size
     dev = data.train_x.device
