@@ -52,6 +52,19 @@ def _export_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo")
 
 
+def _sweep_parser(sub: argparse._SubParsersAction) -> None:
+    # The Ray Tune layer lives in sweeps/; it is imported only when a sweep command runs.
+    from sweeps.cli import add_parser
+
+    add_parser(sub)
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from sweeps.cli import run
+
+    return run(args)
+
+
 def build_config(args: argparse.Namespace) -> ExperimentConfig:
     overrides = parse_overrides(args.overrides)
     if args.resume:
@@ -166,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     _train_parser(sub)
     _prune_parser(sub)
     _export_parser(sub)
+    _sweep_parser(sub)
     args = parser.parse_args(argv)
     from prunevision.checkpoint import PrunedCheckpointError
     from prunevision.data import DatasetError
@@ -175,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     from prunevision.train import CheckpointError
 
     try:
-        return {"train": cmd_train, "prune": cmd_prune, "export": cmd_export}[args.command](args)
+        return {"train": cmd_train, "prune": cmd_prune, "export": cmd_export, "sweep": cmd_sweep}[args.command](args)
     except (ConfigError, DatasetError, PretrainedWeightsError, CheckpointError, PrunedCheckpointError, ExportError,
             PruneError, FloatingPointError) as e:
         print(f"prunevision: error: {e}", file=sys.stderr)

@@ -229,8 +229,7 @@ def _extract_archive(archive: Path, cache: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise DatasetError(f"data.root: cannot extract {archive}: {' '.join(str(e).split())}") from None
     (tmp / ".complete").touch()
-    shutil.rmtree(dest, ignore_errors=True)
-    os.replace(tmp, dest)
+    _publish(tmp, dest, lambda d: (d / ".complete").is_file())
     return dest
 
 
@@ -270,8 +269,24 @@ def _write_cache(d: Path, arrays: dict) -> None:
         np.save(tmp / f"{k}.npy", arrays[k], allow_pickle=False)
     meta = {k: list(arrays[k]) for k in ("classes", "mean", "std")}
     (tmp / "meta.json").write_text(json.dumps(meta))
-    shutil.rmtree(d, ignore_errors=True)
-    os.replace(tmp, d)
+    _publish(tmp, d, lambda x: _read_cache(x) is not None)
+
+
+def _publish(tmp: Path, dest: Path, valid) -> None:
+    """Move a finished folder into place. Concurrent trials may decode the same data at once:
+    the first to finish wins, the others drop their copy; a damaged old copy is replaced."""
+    try:
+        os.replace(tmp, dest)
+        return
+    except OSError:
+        pass
+    if dest.exists() and valid(dest):
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    trash = dest.with_name(f"{dest.name}.old-{os.getpid()}")
+    os.replace(dest, trash)
+    os.replace(tmp, dest)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- decoders

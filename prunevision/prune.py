@@ -314,6 +314,17 @@ def apply_unstructured(model: nn.Module, method: str, ratio: float) -> PruneRepo
     return PruneReport(method, removed={"weights": int(round(n * ratio))})
 
 
+def keep_zeros(model: nn.Module) -> None:
+    """Hold exact zeros of conv/linear weights at zero through fine-tuning (a mask on each layer that
+    has some), e.g. the closed weight gates of a PrunableLinear. :func:`remove_masks` makes them
+    permanent."""
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and not nn_prune.is_pruned(m):
+            zero = m.weight.detach() == 0
+            if zero.any():
+                nn_prune.custom_from_mask(m, "weight", ~zero)
+
+
 def remove_masks(model: nn.Module) -> None:
     for m in model.modules():
         if nn_prune.is_pruned(m) and hasattr(m, "weight_mask"):

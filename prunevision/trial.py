@@ -19,8 +19,8 @@ from prunevision.export import export_onnx
 from prunevision.gates import ChannelGate, gate_values, iter_gates
 from prunevision.measure import macs_and_params, onnx_latency, size_on_disk, torch_latency
 from prunevision.prune import (
-    UNSTRUCTURED,
     PruneReport,
+    keep_zeros,
     prune_step,
     remove_masks,
     step_ratio,
@@ -94,11 +94,11 @@ def prune_and_measure(model: nn.Module, data: Dataset, cfg: ExperimentConfig, ou
                                 log=log)
     if p.method == "gate":
         strip_gates(pruned, p.threshold)
+        keep_zeros(pruned)  # closed weight gates stay zero through fine-tuning
     acc_before_ft = evaluate(pruned, test, data.num_classes)["accuracy"]
     if p.finetune_epochs > 0:
         history += finetune(pruned, data, cfg, p.finetune_epochs, penalty=False, phase="finetune", log=log)
-    if p.method in UNSTRUCTURED:
-        remove_masks(pruned)
+    remove_masks(pruned)
     ev = evaluate(pruned, test, data.num_classes)
 
     dense, pruned = dense.cpu().eval(), pruned.cpu().eval()

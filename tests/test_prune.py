@@ -236,3 +236,20 @@ def test_dynamo_export_with_dynamic_batch(tmp_path):
     sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     out = sess.run(None, {sess.get_inputs()[0].name: torch.randn(7, 3, SIZE, SIZE).numpy()})[0]
     assert out.shape == (7, 10)
+
+
+def test_zeros_survive_finetuning_until_masks_are_removed():
+    from prunevision.prune import keep_zeros
+
+    lin = nn.Sequential(nn.Linear(8, 4))
+    with torch.no_grad():
+        lin[0].weight[:, :3] = 0
+    keep_zeros(lin)
+    opt = torch.optim.SGD(lin.parameters(), lr=0.5)
+    for _ in range(3):
+        opt.zero_grad()
+        lin(torch.randn(5, 8)).pow(2).sum().backward()
+        opt.step()
+    remove_masks(lin)
+    assert (lin[0].weight[:, :3] == 0).all() and (lin[0].weight[:, 3:] != 0).all()
+    assert set(dict(lin.named_parameters())) == {"0.weight", "0.bias"}

@@ -1,0 +1,216 @@
+"""Launch, resume and inspect sweeps: Ray Tune + OptunaSearch (multi-objective) + MLflow.
+
+The sweep's folder is ``<storage>/<name>``: Ray's experiment (results and checkpoints per trial),
+the Optuna study (``optuna.db``, sqlite: ``optuna-dashboard sqlite:///…/optuna.db`` and
+``optuna.load_study(...).best_trials`` work on it) and ``prunevision_sweep.json`` (what resume
+needs: the base config, the search space, the MLflow run ids).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from sweeps.spec import SweepError, SweepSpec, spec_summary
+from sweeps.tracking import check_reachable, client, experiment_id, git_commit, parent_run, resolve_tracking_uri
+
+STATE_FILE = "prunevision_sweep.json"
+STUDY_FILE = "optuna.db"
+
+
+def make_sampler(name: str, seed: int):
+    import optuna
+
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed)
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise SweepError(f"search.sampler: unknown sampler {name!r}")
+
+
+def _absolute_data_root(base: dict[str, Any]) -> dict[str, Any]:
+    """Trials run in their own folders: a relative data.root must not depend on the cwd."""
+    root = (base.get("data") or {}).get("root")
+    if root and not os.path.isabs(os.path.expanduser(root)):
+        base = json.loads(json.dumps(base))
+        base["data"]["root"] = str(Path(root).resolve())
+    return base
+
+
+def prepare(spec: SweepSpec, storage: str | Path) -> dict[str, Any]:
+    """Everything before Ray starts: folders, tracking server check, MLflow parent run."""
+    storage = str(Path(storage).resolve()) if "://" not in str(storage) else str(storage)
+    sweep_dir = Path(storage) / spec.name
+    if (sweep_dir / STATE_FILE).exists():
+        raise SweepError(f"{sweep_dir} already holds a sweep: `prunevision sweep resume {sweep_dir}` continues it, "
+                         "or choose another name/--storage")
+    uri = resolve_tracking_uri(spec.mlflow.get("tracking_uri"))
+    check_reachable(uri)
+    c = client(uri)
+    exp_id = experiment_id(c, spec.mlflow.get("experiment") or "prunevision")
+    summary = spec_summary(spec)
+    import yaml
+
+    parent = parent_run(
+        c, exp_id, str(sweep_dir), spec.name,
+        tags={"prunevision.sweep": spec.name, "git_commit": git_commit(), "mlflow.source.git.commit": git_commit()},
+        params={"sampler": spec.sampler, "seed": spec.seed, "num_samples": spec.num_samples,
+                "objectives": spec.objectives, **{f"space.{k}": v for k, v in summary["space"].items()}},
+        artifacts={"sweep.yaml": yaml.safe_dump(spec.source, sort_keys=False),
+                   "search_space.json": json.dumps(summary, indent=2)},
+    )
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    state = {
+        "name": spec.name, "storage": storage, "sweep_dir": str(sweep_dir), "source": spec.source,
+        "base": _absolute_data_root(spec.base),
+        "settings": {"tracking_uri": uri, "experiment_id": exp_id, "parent_run_id": parent, "score": spec.score,
+                     "log_models": bool(spec.mlflow.get("log_models", False))},
+        "run": {"num_samples": spec.num_samples, "max_concurrent": spec.max_concurrent, "sampler": spec.sampler,
+                "seed": spec.seed, "resources": spec.resources, "max_failures": spec.max_failures,
+                "scheduler": spec.scheduler, "objectives": spec.objectives},
+    }
+    (sweep_dir / STATE_FILE).write_text(json.dumps(state, indent=2))
+    return state
+
+
+def _trainable(state: dict[str, Any]):
+    from ray import tune
+
+    from sweeps.trainable import sweep_trial
+
+    res = state["run"]["resources"]
+    fn = tune.with_parameters(sweep_trial, base=state["base"], settings=state["settings"])
+    return tune.with_resources(fn, {"cpu": res.get("cpu", 1), "gpu": res.get("gpu", 0)})
+
+
+def build_tuner(spec: SweepSpec, state: dict[str, Any]):
+    import optuna
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import ConcurrencyLimiter
+
+    run = state["run"]
+    sweep_dir = Path(state["sweep_dir"])
+    storage = optuna.storages.RDBStorage(f"sqlite:///{sweep_dir / STUDY_FILE}")
+    from sweeps.search import DefineByRun, FrontSafeOptunaSearch
+
+    searcher = FrontSafeOptunaSearch(
+        space=DefineByRun(spec.space),
+        metric=list(run["objectives"]), mode=list(run["objectives"].values()),
+        points_to_evaluate=spec.points_to_evaluate or None,
+        sampler=make_sampler(run["sampler"], run["seed"]),
+        storage=storage, study_name=spec.name,
+    )
+    search = ConcurrencyLimiter(searcher, max_concurrent=run["max_concurrent"])
+    scheduler = None
+    if run["scheduler"]:
+        s = run["scheduler"]
+        epochs = spec.base_config().train.epochs
+        if "train.epochs" in spec.space:  # the longest trial the space allows
+            epochs = max(epochs, int(spec.space["train.epochs"].high or 0), *[
+                int(c) for c in spec.space["train.epochs"].choices if isinstance(c, int)])
+        scheduler = ASHAScheduler(metric="score", mode="max", time_attr="training_iteration",
+                                  max_t=epochs + 1, grace_period=s.get("grace_period", 1),
+                                  reduction_factor=s.get("reduction_factor", 2))
+    return tune.Tuner(
+        _trainable(state),
+        tune_config=tune.TuneConfig(search_alg=search, scheduler=scheduler, num_samples=run["num_samples"]),
+        run_config=tune.RunConfig(
+            name=state["name"], storage_path=state["storage"],
+            failure_config=tune.FailureConfig(max_failures=run["max_failures"]),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            verbose=1,
+        ),
+    )
+
+
+def init_ray(address: str | None, num_cpus: int | None = None) -> None:
+    import ray
+
+    # Epoch results carry the ASHA score but not the objectives, which only exist once the trial
+    # has been pruned and measured; FrontSafeOptunaSearch only reads the final result.
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+
+
+def run_sweep(spec: SweepSpec, storage: str | Path, address: str | None = None,
+              num_cpus: int | None = None) -> dict[str, Any]:
+    """Validate and prepare (before Ray starts), then run the sweep. Returns a summary."""
+    state = prepare(spec, storage)
+    init_ray(address, num_cpus)
+    tuner = build_tuner(spec, state)
+    results = tuner.fit()
+    return finish(state, results)
+
+
+def load_state(sweep_dir: str | Path) -> dict[str, Any]:
+    p = Path(sweep_dir) / STATE_FILE
+    if not p.is_file():
+        raise SweepError(f"{sweep_dir} is not a prunevision sweep folder (no {STATE_FILE})")
+    try:
+        return json.loads(p.read_text())
+    except ValueError:
+        raise SweepError(f"{p} is damaged (not JSON)") from None
+
+
+def resume_sweep(sweep_dir: str | Path, address: str | None = None, num_cpus: int | None = None) -> dict[str, Any]:
+    """Continue an interrupted sweep (errored trials included) with ``Tuner.restore``."""
+    from ray import tune
+
+    state = load_state(sweep_dir)
+    check_reachable(state["settings"]["tracking_uri"])
+    init_ray(address, num_cpus)
+    path = state["sweep_dir"]
+    if not tune.Tuner.can_restore(path):
+        raise SweepError(f"{path}: Ray has no experiment state to restore (did the sweep start?)")
+    tuner = tune.Tuner.restore(path, trainable=_trainable(state), resume_errored=True)
+    results = tuner.fit()
+    return finish(state, results)
+
+
+def finish(state: dict[str, Any], results) -> dict[str, Any]:
+    c = client(state["settings"]["tracking_uri"])
+    summary = sweep_status(state["sweep_dir"])
+    try:
+        c.set_terminated(state["settings"]["parent_run_id"], status="FINISHED")
+    except Exception:
+        pass
+    summary["errors"] = len(results.errors)
+    return summary
+
+
+def sweep_status(sweep_dir: str | Path) -> dict[str, Any]:
+    """Trial counts by Optuna state and the last result of every Ray trial (no pickles read)."""
+    import optuna
+
+    state = load_state(sweep_dir)
+    d = Path(state["sweep_dir"])
+    counts: dict[str, int] = {}
+    study_trials = 0
+    if (d / STUDY_FILE).exists():
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study = optuna.load_study(study_name=state["name"], storage=f"sqlite:///{d / STUDY_FILE}")
+        for t in study.get_trials(deepcopy=False):
+            counts[t.state.name] = counts.get(t.state.name, 0) + 1
+        study_trials = len(study.trials)
+    trials = []
+    for result_file in sorted(d.glob("*/result.json")):
+        lines = [ln for ln in result_file.read_text().splitlines() if ln.strip()]
+        last = json.loads(lines[-1]) if lines else {}
+        trials.append({"trial_dir": str(result_file.parent), "trial_id": last.get("trial_id"),
+                       "final": bool(last.get("trial_final")), "epoch": last.get("epoch"),
+                       **{k: last.get(k) for k in state["run"]["objectives"]}})
+    return {"sweep_dir": str(d), "name": state["name"], "study": str(d / STUDY_FILE), "study_trials": study_trials,
+            "states": counts, "trials": trials, "tracking_uri": state["settings"]["tracking_uri"],
+            "experiment_id": state["settings"]["experiment_id"],
+            "parent_run_id": state["settings"]["parent_run_id"]}

@@ -1,0 +1,288 @@
+"""Sweep files: a base experiment config + a search space + run settings, validated before Ray starts.
+
+```yaml
+name: smoke
+base:                      # an experiment config (as for `prunevision train`), or base_config: path
+  model: {name: small_cnn}
+space:                     # dotted config keys → distributions
+  gates.lam: {type: loguniform, low: 0.01, high: 10}
+  prune.threshold: {type: uniform, low: 0.2, high: 0.8}
+  gates.schedule:          # categorical; a choice may bring its own parameters
+    type: categorical
+    choices:
+      constant: {}
+      cubic: {gates.warmup_epochs: {type: int, low: 0, high: 2}}
+  prune.steps: {type: int, low: 1, high: 3}
+points_to_evaluate:        # known-good configurations, run first
+  - {gates.lam: 0.1, prune.threshold: 0.5, gates.schedule: constant, prune.steps: 1}
+objectives: {accuracy: max, param_sparsity: max, latency_ms: min}
+search: {sampler: tpe, seed: 0, num_samples: 8, max_concurrent: 2}
+resources: {cpu: 1, gpu: 0}
+scheduler: {type: asha, grace_period: 1, reduction_factor: 2}   # optional early stopping
+mlflow: {tracking_uri: null, experiment: prunevision, log_models: false}
+failure: {max_failures: 1}
+```
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from prunevision.config import ConfigError, ExperimentConfig, flatten, from_dict, load_config
+
+OBJECTIVE_METRICS = ("accuracy", "param_sparsity", "latency_ms", "macs", "params", "size_bytes",
+                     "size_gzip_bytes", "gate_sparsity", "latency_speedup", "macs_reduction")
+SAMPLERS = ("tpe", "nsga2", "random")
+DIST_TYPES = ("loguniform", "uniform", "int", "categorical")
+_TOP_KEYS = ("name", "base", "base_config", "space", "points_to_evaluate", "objectives", "search", "resources",
+             "scheduler", "mlflow", "failure", "score")
+
+
+class SweepError(ConfigError):
+    """A sweep file problem, reported as one line before Ray starts."""
+
+
+@dataclass(frozen=True)
+class Dist:
+    type: str
+    low: float | None = None
+    high: float | None = None
+    step: int | None = None
+    choices: tuple[Any, ...] = ()
+    # categorical: parameters that exist only when that choice is made
+    conditional: dict[Any, dict[str, Dist]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    name: str
+    base: dict[str, Any]
+    space: dict[str, Dist]
+    points_to_evaluate: list[dict[str, Any]]
+    objectives: dict[str, str]
+    sampler: str = "tpe"
+    seed: int = 0
+    num_samples: int = 8
+    max_concurrent: int = 1
+    resources: dict[str, float] = field(default_factory=lambda: {"cpu": 1, "gpu": 0})
+    scheduler: dict[str, Any] | None = None
+    mlflow: dict[str, Any] = field(default_factory=dict)
+    max_failures: int = 1
+    score: dict[str, float] = field(default_factory=lambda: {"test_accuracy": 1.0, "gates_below_threshold": 0.2})
+    source: dict[str, Any] = field(default_factory=dict)  # the sweep file as read
+
+    def base_config(self) -> ExperimentConfig:
+        return from_dict(self.base)
+
+
+def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> SweepSpec:
+    p = Path(path)
+    if not p.is_file():
+        raise SweepError(f"sweep file not found: {p}")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise SweepError(f"sweep file {p} is not valid YAML: {' '.join(str(e).split())}") from None
+    if not isinstance(raw, dict):
+        raise SweepError(f"sweep file {p} must hold a mapping")
+    if "base_config" in raw:
+        base_path = (p.parent / raw["base_config"]).resolve()
+        raw = dict(raw, base=load_config(base_path).to_dict())
+    return parse_sweep(raw, overrides or {}, default_name=p.stem)
+
+
+def parse_sweep(raw: dict[str, Any], overrides: dict[str, Any] | None = None, default_name: str = "sweep") -> SweepSpec:
+    for k in raw:
+        if k not in _TOP_KEYS:
+            close = difflib.get_close_matches(k, _TOP_KEYS, n=1)
+            raise SweepError(f"unknown sweep key {k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    overrides = dict(overrides or {})
+    run_keys = {k: overrides.pop(k) for k in list(overrides) if k.split(".")[0] in ("search", "resources", "name")}
+    try:
+        base = from_dict(raw.get("base") or {}, overrides)  # validates the base config, with --set overrides
+    except ConfigError as e:
+        raise SweepError(f"base: {e}") from None
+    valid_keys = set(base.flat())
+    space = {k: _parse_dist(k, v, valid_keys) for k, v in (raw.get("space") or {}).items()}
+    for key in space:
+        if key in overrides:
+            raise SweepError(f"--set {key}: this key is searched over in the sweep's space")
+    search = dict(raw.get("search") or {})
+    for k, v in run_keys.items():
+        section, _, sub = k.partition(".")
+        if section == "name":
+            raw = dict(raw, name=v)
+        elif section == "search":
+            search[sub] = v
+        else:
+            raw = dict(raw, resources=dict(raw.get("resources") or {}, **{sub: v}))
+    _only(search, ("sampler", "seed", "num_samples", "max_concurrent"), "search")
+    sampler = search.get("sampler", "tpe")
+    if sampler not in SAMPLERS:
+        raise SweepError(f"search.sampler: unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
+    num_samples = _int("search.num_samples", search.get("num_samples", 8), 1)
+    max_conc = _int("search.max_concurrent", search.get("max_concurrent", 1), 1)
+    seed = _int("search.seed", search.get("seed", 0), 0)
+    objectives = raw.get("objectives") or {"accuracy": "max", "param_sparsity": "max", "latency_ms": "min"}
+    if not isinstance(objectives, dict) or not objectives:
+        raise SweepError("objectives: a mapping of metric → max|min")
+    for m, mode in objectives.items():
+        if m not in OBJECTIVE_METRICS:
+            raise SweepError(f"objectives: unknown metric {m!r}; choose from {', '.join(OBJECTIVE_METRICS)}")
+        if mode not in ("max", "min"):
+            raise SweepError(f"objectives.{m}: {mode!r} must be max or min")
+    resources = dict(raw.get("resources") or {"cpu": 1, "gpu": 0})
+    _only(resources, ("cpu", "gpu"), "resources")
+    for k, v in resources.items():
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
+            raise SweepError(f"resources.{k}: {v!r} must be a number ≥ 0")
+    if resources.get("cpu", 1) <= 0:
+        raise SweepError("resources.cpu: a trial needs some CPU (> 0)")
+    scheduler = raw.get("scheduler")
+    if scheduler is not None:
+        if not isinstance(scheduler, dict) or scheduler.get("type") != "asha":
+            raise SweepError("scheduler: only {type: asha, grace_period, reduction_factor} is supported")
+        _only(scheduler, ("type", "grace_period", "reduction_factor"), "scheduler")
+        _int("scheduler.grace_period", scheduler.get("grace_period", 1), 1)
+        if scheduler.get("reduction_factor", 2) <= 1:
+            raise SweepError("scheduler.reduction_factor: must be > 1")
+    mlflow_cfg = dict(raw.get("mlflow") or {})
+    _only(mlflow_cfg, ("tracking_uri", "experiment", "log_models"), "mlflow")
+    failure = dict(raw.get("failure") or {})
+    _only(failure, ("max_failures",), "failure")
+    score = raw.get("score") or {"test_accuracy": 1.0, "gates_below_threshold": 0.2}
+    points = raw.get("points_to_evaluate") or []
+    if not isinstance(points, list):
+        raise SweepError("points_to_evaluate: a list of {key: value} configurations")
+    for i, pt in enumerate(points):
+        _check_point(i, pt, space, base)
+    name = str(raw.get("name") or default_name)
+    if not name.replace("-", "").replace("_", "").isalnum():
+        raise SweepError(f"name: {name!r} may hold letters, digits, - and _ only")
+    return SweepSpec(
+        name=name, base=base.to_dict(), space=space, points_to_evaluate=points, objectives=dict(objectives),
+        sampler=sampler, seed=seed, num_samples=num_samples, max_concurrent=max_conc, resources=resources,
+        scheduler=scheduler, mlflow=mlflow_cfg, max_failures=_int("failure.max_failures",
+                                                                  failure.get("max_failures", 1), 0),
+        score=dict(score), source=raw,
+    )
+
+
+def _only(d: dict, allowed: tuple[str, ...], section: str) -> None:
+    for k in d:
+        if k not in allowed:
+            close = difflib.get_close_matches(k, allowed, n=1)
+            raise SweepError(f"unknown key {section}.{k}" + (f" (did you mean {section}.{close[0]}?)" if close else ""))
+
+
+def _int(key: str, v: Any, low: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < low:
+        raise SweepError(f"{key}: {v!r} must be a whole number ≥ {low}")
+    return v
+
+
+def _parse_dist(key: str, spec: Any, valid_keys: set[str]) -> Dist:
+    if key not in valid_keys:
+        close = difflib.get_close_matches(key, sorted(valid_keys), n=1)
+        raise SweepError(f"space: unknown parameter {key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    if not isinstance(spec, dict) or spec.get("type") not in DIST_TYPES:
+        raise SweepError(f"space.{key}: needs type: one of {', '.join(DIST_TYPES)}")
+    t = spec["type"]
+    if t == "categorical":
+        choices = spec.get("choices")
+        conditional: dict[Any, dict[str, Dist]] = {}
+        if isinstance(choices, dict):
+            for c, sub in choices.items():
+                conditional[c] = {k: _parse_dist(k, v, valid_keys) for k, v in (sub or {}).items()}
+            choices = list(choices)
+        if not isinstance(choices, list) or not choices:
+            raise SweepError(f"space.{key}: categorical needs a non-empty list of choices")
+        for c in choices:  # every choice must be a valid value of that key
+            _validate_value(key, c, f"space.{key}")
+        return Dist("categorical", choices=tuple(choices), conditional=conditional)
+    low, high = spec.get("low"), spec.get("high")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)):
+        raise SweepError(f"space.{key}: {t} needs numeric low and high")
+    if not low < high:
+        raise SweepError(f"space.{key}: empty range (low {low} ≥ high {high})")
+    if t == "loguniform" and low <= 0:
+        raise SweepError(f"space.{key}: loguniform needs low > 0")
+    if t == "int" and (low != int(low) or high != int(high)):
+        raise SweepError(f"space.{key}: int needs whole low and high")
+    for v in (low, high):
+        _validate_value(key, int(v) if t == "int" else float(v), f"space.{key}")
+    return Dist(t, low=float(low) if t != "int" else int(low), high=float(high) if t != "int" else int(high),
+                step=spec.get("step"))
+
+
+def _validate_value(key: str, value: Any, where: str) -> None:
+    try:
+        from_dict({}, {key: value})
+    except ConfigError as e:
+        raise SweepError(f"{where}: {e}") from None
+
+
+def _check_point(i: int, pt: Any, space: dict[str, Dist], base: ExperimentConfig) -> None:
+    if not isinstance(pt, dict):
+        raise SweepError(f"points_to_evaluate[{i}]: must be a mapping of parameters")
+    allowed = set(space) | {k for d in space.values() for sub in d.conditional.values() for k in sub}
+    for k in pt:
+        if k not in allowed:
+            raise SweepError(f"points_to_evaluate[{i}]: {k!r} is not a parameter of the space")
+    try:
+        from_dict(base.to_dict(), pt)
+    except ConfigError as e:
+        raise SweepError(f"points_to_evaluate[{i}]: {e}") from None
+
+
+def suggest(trial: Any, space: dict[str, Dist]) -> None:
+    """Define-by-run search space for Optuna: conditional parameters only when their choice is made."""
+    for key, d in space.items():
+        _suggest_one(trial, key, d)
+
+
+def _suggest_one(trial: Any, key: str, d: Dist) -> Any:
+    if d.type == "loguniform":
+        return trial.suggest_float(key, d.low, d.high, log=True)
+    if d.type == "uniform":
+        return trial.suggest_float(key, d.low, d.high)
+    if d.type == "int":
+        return trial.suggest_int(key, d.low, d.high, step=d.step or 1)
+    value = trial.suggest_categorical(key, list(d.choices))
+    for sub_key, sub in d.conditional.get(value, {}).items():
+        _suggest_one(trial, sub_key, sub)
+    return value
+
+
+def scalar_score(record: dict[str, Any], weights: dict[str, float]) -> float:
+    """The one metric ASHA sees: a weighted sum of per-epoch metrics (NaN counts as 0)."""
+    total = 0.0
+    for k, w in weights.items():
+        v = record.get(k)
+        if isinstance(v, (int, float)) and math.isfinite(v):
+            total += w * v
+    return total
+
+
+def spec_summary(spec: SweepSpec) -> dict[str, Any]:
+    return {"space": {k: _dist_dict(d) for k, d in spec.space.items()}, "objectives": spec.objectives,
+            "sampler": spec.sampler, "seed": spec.seed, "num_samples": spec.num_samples,
+            "base": flatten(spec.base)}
+
+
+def _dist_dict(d: Dist) -> dict[str, Any]:
+    out: dict[str, Any] = {"type": d.type}
+    if d.type == "categorical":
+        out["choices"] = list(d.choices)
+        if d.conditional:
+            out["conditional"] = {str(c): {k: _dist_dict(s) for k, s in sub.items()}
+                                  for c, sub in d.conditional.items()}
+    else:
+        out.update(low=d.low, high=d.high)
+    return out

@@ -1,0 +1,269 @@
+"""Sweeps with a real Ray, real Optuna and a real MLflow store (sqlite file and `mlflow server`)."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import ray
+
+from sweeps.run import build_tuner, prepare, run_sweep, sweep_status
+from sweeps.spec import parse_sweep
+from sweeps.tracking import TrialLogger, child_runs, client
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = {
+    "model": {"name": "small_cnn"},
+    "data": {"name": "synthetic", "synthetic_train": 96, "synthetic_test": 48, "batch_size": 32,
+             "eval_batch_size": 48, "num_classes": 4, "image_size": 16},
+    "gates": {"lr": 0.1},
+    "train": {"epochs": 2, "lr": 0.05},
+    "prune": {"finetune_epochs": 1},
+    "measure": {"batch": 1, "warmup": 1, "exporter": "torchscript", "torch_latency": False},
+}
+SPACE = {"gates.lam": {"type": "loguniform", "low": 0.05, "high": 5.0},
+         "prune.threshold": {"type": "uniform", "low": 0.3, "high": 0.7}}
+
+
+def make_spec(name, n=4, conc=2, **kw):
+    raw = {"name": name, "base": BASE, "space": SPACE, "search": {"num_samples": n, "max_concurrent": conc, "seed": 1},
+           "mlflow": {"experiment": f"exp-{name}"}}
+    raw.update(kw)
+    return parse_sweep(raw)
+
+
+@pytest.fixture
+def local_ray(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield tmp_path
+    ray.shutdown()
+
+
+def study_states(summary):
+    s = optuna.load_study(study_name=summary["name"], storage=f"sqlite:///{summary['study']}")
+    return s, sorted(t.state.name for t in s.trials)
+
+
+def test_sweep_records_every_trial_and_retries_from_checkpoint(local_ray):
+    spec = make_spec("e2e", n=4, conc=2)
+    state = prepare(spec, local_ray / "runs")
+    state["settings"]["_fail_once_after_epoch"] = 1  # every trial fails once, after its first epoch
+    summary = _fit(spec, state)
+    study, states = study_states(summary)
+    assert states == ["COMPLETE"] * 4
+    assert len(study.best_trials) >= 1 and len(study.directions) == 3
+    # each trial failed once and went on from its epoch-1 checkpoint: no epoch ran twice
+    for t in summary["trials"]:
+        assert t["final"]
+        lines = [json.loads(x) for x in (Path(t["trial_dir"]) / "result.json").read_text().splitlines() if x]
+        epochs = [r["epoch"] for r in lines if not r.get("trial_final")]
+        assert epochs == [1, 2], epochs
+        assert (Path(t["trial_dir"]) / ".failed_once").exists()
+    # MLflow (sqlite file in the working directory): parent run + one child per trial
+    c = client(summary["tracking_uri"])
+    assert summary["tracking_uri"] == f"sqlite:///{local_ray / 'mlflow.db'}"
+    kids = child_runs(c, summary["experiment_id"], summary["parent_run_id"])
+    assert len(kids) == 4
+    parent = c.get_run(summary["parent_run_id"])
+    assert parent.data.tags["prunevision.sweep"] == "e2e" and "git_commit" in parent.data.tags
+    for run in kids:
+        assert run.info.status == "FINISHED" and run.info.run_name.startswith("sweep_trial_")
+        assert "gates.lam" in run.data.params and "model.name" in run.data.params
+        for m in ("accuracy", "param_sparsity", "latency_ms", "macs", "test_accuracy"):
+            assert m in run.data.metrics, m
+        assert [h.step for h in c.get_metric_history(run.info.run_id, "test_accuracy")] == [1, 2]
+        arts = {a.path for a in c.list_artifacts(run.info.run_id)}
+        assert {"metrics.json", "config.yaml", "gate_histogram.png"} <= arts
+
+
+def _fit(spec, state):
+    from sweeps.run import finish
+
+    results = build_tuner(spec, state).fit()
+    return finish(state, results)
+
+
+def test_asha_stopped_trials_are_pruned_not_complete(local_ray):
+    base = json.loads(json.dumps(BASE))
+    base["train"]["epochs"] = 3
+    space = dict(SPACE, **{"train.lr": {"type": "loguniform", "low": 1e-6, "high": 0.1}})
+    good = {"gates.lam": 0.1, "prune.threshold": 0.5, "train.lr": 0.05}
+    bad = {"gates.lam": 0.1, "prune.threshold": 0.5, "train.lr": 1e-6}  # learns nothing: ASHA stops it
+    spec = parse_sweep({"name": "asha", "base": base, "space": space, "points_to_evaluate": [good, bad, bad],
+                        "search": {"num_samples": 3, "max_concurrent": 1},
+                        "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
+                        "mlflow": {"experiment": "exp-asha"}})
+    summary = run_sweep(spec, local_ray / "runs")
+    study, states = study_states(summary)
+    stopped = [t for t in summary["trials"] if not t["final"]]
+    assert stopped, "ASHA stopped no trial"
+    assert states.count("PRUNED") == len(stopped) and states.count("COMPLETE") == 3 - len(stopped)
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert all(t.values is not None for t in complete)
+    assert {t.number for t in study.best_trials} <= {t.number for t in complete}  # no stopped trial on the front
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_mlflow_server(tmp, port):
+    exe = Path(sys.executable).parent / "mlflow"
+    proc = subprocess.Popen([str(exe), "server", "--backend-store-uri", f"sqlite:///{tmp / 'server.db'}",
+                             "--artifacts-destination", str(tmp / "artifacts"), "--host", "127.0.0.1",
+                             "--port", str(port), "--workers", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    import urllib.request
+
+    for _ in range(120):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+            return proc
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("mlflow server did not start")
+
+
+def _stop(proc):
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=30)
+
+
+def test_sweep_against_mlflow_server_and_a_blink(local_ray, monkeypatch):
+    port = _free_port()
+    server = _start_mlflow_server(local_ray, port)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        summary = run_sweep(make_spec("server", n=2, conc=2), local_ray / "runs")
+        c = client(uri)
+        kids = child_runs(c, summary["experiment_id"], summary["parent_run_id"])
+        assert len(kids) == 2 and all("accuracy" in k.data.metrics for k in kids)
+
+        # the server blinks: what cannot be sent waits in the trial folder and goes out later
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+        trial_dir = local_ray / "blink"
+        trial_dir.mkdir()
+        log = TrialLogger(uri, summary["experiment_id"], summary["parent_run_id"], "blink-1", "blink", trial_dir,
+                          retries=2, backoff=0.01)
+        log.start({"a": 1})
+        log.log_metrics({"loss": 1.0}, step=1)
+        _stop(server)
+        log.log_metrics({"loss": 0.5}, step=2)  # server down: kept, trial goes on
+        log.log_metrics({"loss": 0.25}, step=3)
+        assert log.unsent() == 2
+        server = _start_mlflow_server(local_ray, port)
+        assert log.finish() == 0  # flushed, in order, then ended
+        hist = c.get_metric_history(log.run_id, "loss")
+        assert [(h.step, h.value) for h in sorted(hist, key=lambda h: h.step)] == [(1, 1.0), (2, 0.5), (3, 0.25)]
+        assert c.get_run(log.run_id).info.status == "FINISHED"
+    finally:
+        _stop(server)
+
+
+def test_unreachable_tracking_server_fails_before_ray(tmp_path, monkeypatch):
+    from sweeps.spec import SweepError
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_free_port()}")
+    with pytest.raises(SweepError, match="unreachable"):
+        prepare(make_spec("nowhere"), tmp_path / "runs")
+    assert not ray.is_initialized() and not (tmp_path / "runs").exists()
+
+
+def test_two_node_cluster_with_a_node_removed_mid_sweep(tmp_path, monkeypatch):
+    from ray.cluster_utils import Cluster
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    worker = cluster.add_node(num_cpus=1)
+    ray.init(address=cluster.address)
+    try:
+        base = json.loads(json.dumps(BASE))
+        base["train"]["epochs"] = 3
+        spec = parse_sweep({"name": "nodes", "base": base, "space": SPACE,
+                            "search": {"num_samples": 4, "max_concurrent": 2, "seed": 3},
+                            "failure": {"max_failures": 3}, "mlflow": {"experiment": "exp-nodes"}})
+        state = prepare(spec, tmp_path / "runs")
+        import threading
+
+        sweep_dir = Path(state["sweep_dir"])
+
+        def remove_worker_when_busy():
+            deadline = time.time() + 300
+            while time.time() < deadline:  # once two trials have reported, take a node away
+                done = list(sweep_dir.glob("*/result.json"))
+                if len([p for p in done if p.read_text().strip()]) >= 2:
+                    cluster.remove_node(worker)
+                    return
+                time.sleep(0.5)
+
+        t = threading.Thread(target=remove_worker_when_busy, daemon=True)
+        t.start()
+        summary = _fit(spec, state)
+        t.join(timeout=1)
+        assert not worker.all_processes_alive()  # the node really went
+        finals = [tr for tr in summary["trials"] if tr["final"]]
+        assert len(finals) == 4  # all N trials finished, the interrupted ones from their checkpoints
+        nodes = set()
+        for tr in summary["trials"]:
+            lines = [json.loads(x) for x in (Path(tr["trial_dir"]) / "result.json").read_text().splitlines() if x]
+            nodes |= {r["node_id"] for r in lines if r.get("node_id")}
+        assert len(nodes) >= 1
+        c = client(summary["tracking_uri"])
+        assert len(child_runs(c, summary["experiment_id"], summary["parent_run_id"])) == 4
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def test_interrupted_sweep_resumes_to_exactly_n_trials(tmp_path):
+    spec_file = tmp_path / "sweep.yaml"
+    import yaml
+
+    base = json.loads(json.dumps(BASE))
+    base["train"]["epochs"] = 3
+    spec_file.write_text(yaml.safe_dump({"name": "resume", "base": base, "space": SPACE,
+                                         "search": {"num_samples": 4, "max_concurrent": 1},
+                                         "mlflow": {"experiment": "exp-resume"}}))
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    cmd = [sys.executable, "-m", "prunevision", "sweep", "run", str(spec_file), "--storage", str(tmp_path / "runs"),
+           "--num-cpus", "1"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    sweep_dir = tmp_path / "runs" / "resume"
+    deadline = time.time() + 300
+    while time.time() < deadline:  # interrupt once one trial is done and another has started
+        finals = [p for p in sweep_dir.glob("*/result.json") if "trial_final" in p.read_text()]
+        if finals and len(list(sweep_dir.glob("*/result.json"))) >= 2:
+            break
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    subprocess.run([sys.executable, "-c", "import ray; ray.shutdown()"], check=False)
+    r = subprocess.run([sys.executable, "-m", "prunevision", "sweep", "resume", str(sweep_dir), "--num-cpus", "1"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    summary = sweep_status(sweep_dir)
+    assert len(summary["trials"]) == 4 and all(t["final"] for t in summary["trials"])
+    c = client(summary["tracking_uri"])
+    kids = child_runs(c, summary["experiment_id"], summary["parent_run_id"])
+    assert len(kids) == 4  # the interrupted trial kept its child run
+    assert len({k.data.tags["prunevision.trial_id"] for k in kids}) == 4
