@@ -22,7 +22,7 @@ import torch_pruning as tp
 from torch import nn
 from torch.nn.utils import prune as nn_prune
 
-from prunevision.gates import ChannelGate, PrunableLinear, iter_gates
+from prunevision.gates import ChannelGate, PrunableLinear
 
 STRUCTURED = ("l1_structured", "l2_structured", "taylor", "bn_scale", "random_structured")
 UNSTRUCTURED = ("l1_unstructured", "random_unstructured")
@@ -107,17 +107,39 @@ def _linear_from_prunable(p: PrunableLinear, threshold: float | None) -> nn.Line
 # --------------------------------------------------------------------------- importance
 
 
+class ChannelGatePruner(tp.pruner.function.BasePruningFunc):
+    """Torch-pruning's pruning function for a ChannelGate: a per-channel layer whose input and
+    output channels are the same (like BatchNorm). Registered as a customized pruner, the gate is
+    one node of the dependency graph, pruned with its channels."""
+
+    TARGET_MODULES = (ChannelGate,)
+
+    def prune_out_channels(self, layer: ChannelGate, idxs: list[int]) -> ChannelGate:
+        keep = sorted(set(range(layer.score.numel())) - set(idxs))
+        layer.score = self._prune_parameter_and_grad(layer.score, keep, 0)
+        return layer
+
+    prune_in_channels = prune_out_channels  # same function: DepGraph couples in and out
+
+    def get_out_channels(self, layer: ChannelGate) -> int:
+        return layer.score.numel()
+
+    get_in_channels = get_out_channels
+
+
+GATE_PRUNERS = {ChannelGate: ChannelGatePruner()}
+
+
 class GateImportance(tp.importance.GroupMagnitudeImportance):
     """Per-channel importance of a DepGraph group = the largest gate value in the group.
 
-    Reads ChannelGate scores (DepGraph carries them as unwrapped parameters of the channel
-    dimension) and, for linear layers that had weight-level gates, the largest gate of each
-    output unit. Groups without a gate return None and are left alone.
+    Reads the ChannelGate nodes of the group (registered with :class:`ChannelGatePruner`) and,
+    for linear layers that had weight-level gates, the largest gate of each output unit. Groups
+    without a gate return None and are left alone.
     """
 
-    def __init__(self, model: nn.Module, linear_unit_gates: dict[nn.Module, torch.Tensor] | None = None):
+    def __init__(self, linear_unit_gates: dict[nn.Module, torch.Tensor] | None = None):
         super().__init__(p=1, group_reduction="max", normalizer=None)
-        self.gates = {id(m.score): m for _, m in iter_gates(model) if isinstance(m, ChannelGate)}
         self.linear_unit_gates = {id(k): v for k, v in (linear_unit_gates or {}).items()}
 
     @torch.no_grad()
@@ -125,9 +147,8 @@ class GateImportance(tp.importance.GroupMagnitudeImportance):
         imps, idxs_list = [], []
         for i, (dep, idxs) in enumerate(group):
             layer = dep.layer
-            gate = self.gates.get(id(layer))
-            if gate is not None:
-                imps.append(gate.values().detach()[idxs].float())
+            if isinstance(layer, ChannelGate):
+                imps.append(layer.values().detach()[idxs].float())
                 idxs_list.append(group[i].root_idxs)
             elif id(layer) in self.linear_unit_gates and dep.pruning_fn == tp.prune_linear_out_channels:
                 imps.append(self.linear_unit_gates[id(layer)][idxs].float())
@@ -195,14 +216,11 @@ def prune_by_gates(
                     setattr(module, child_name, lin)
                     linear_gates[lin] = unit
     head = classifier_head(model)
-    importance = GateImportance(model, linear_gates)
-    gates = [m for _, m in iter_gates(model) if isinstance(m, ChannelGate)]
+    importance = GateImportance(linear_gates)
     was_training = model.training
     model.eval()
     with torch.enable_grad():  # DepGraph traces with autograd
-        DG = tp.DependencyGraph().build_dependency(
-            model, example_inputs=example, unwrapped_parameters=[(g.score, 0) for g in gates]
-        )
+        DG = tp.DependencyGraph().build_dependency(model, example_inputs=example, customized_pruners=GATE_PRUNERS)
     names = _names(model)
     report = PruneReport("gate")
     for group in DG.get_all_groups(ignored_layers=[head] if head is not None else [],

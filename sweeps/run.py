@@ -93,6 +93,9 @@ def build_tuner(spec: SweepSpec, state: dict[str, Any]):
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import ConcurrencyLimiter
 
+    # Epoch results carry the ASHA score but not the objectives, which only exist once the trial
+    # has been pruned and measured; FrontSafeOptunaSearch only reads the final result.
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     run = state["run"]
     sweep_dir = Path(state["sweep_dir"])
     storage = optuna.storages.RDBStorage(f"sqlite:///{sweep_dir / STUDY_FILE}")
@@ -130,10 +133,6 @@ def build_tuner(spec: SweepSpec, state: dict[str, Any]):
 
 def init_ray(address: str | None, num_cpus: int | None = None) -> None:
     import ray
-
-    # Epoch results carry the ASHA score but not the objectives, which only exist once the trial
-    # has been pruned and measured; FrontSafeOptunaSearch only reads the final result.
-    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
 
     if ray.is_initialized():
         return

@@ -253,3 +253,15 @@ def test_zeros_survive_finetuning_until_masks_are_removed():
     remove_masks(lin)
     assert (lin[0].weight[:, :3] == 0).all() and (lin[0].weight[:, 3:] != 0).all()
     assert set(dict(lin.named_parameters())) == {"0.weight", "0.bias"}
+
+
+def test_gate_pruning_through_flatten_at_other_input_sizes():
+    # regression: at 16 px the flattened conv2 features (64 × 4 × 4) once confused the index
+    # mapping of gate parameters; gates are now DepGraph nodes of their own
+    torch.manual_seed(0)
+    model = build_gated_model(ModelConfig(name="small_cnn"), GateConfig(), 4, 16).eval()
+    close_gates(model, share=0.5)
+    prune_by_gates(model, torch.zeros(1, 3, 16, 16), 0.5)
+    m = strip_gates(model, 0.5)
+    assert m.classifier[1].in_features == m.features[4].out_channels * 16
+    assert m(torch.randn(2, 3, 16, 16)).shape == (2, 4)
