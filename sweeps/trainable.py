@@ -52,10 +52,11 @@ def sweep_trial(config: dict[str, Any], *, base: dict[str, Any], settings: dict[
             shutil.copy(Path(d) / "checkpoint.pt", resume)
 
     weights = settings["score"]
+    node_id = ray.get_runtime_context().get_node_id()  # where this attempt runs (several nodes)
     fail_once = settings.get("_fail_once_after_epoch")  # test hook: fail a trial once, mid-run
 
     def report(record: dict[str, Any], save) -> None:
-        metrics = dict(record, score=scalar_score(record, weights))
+        metrics = dict(record, score=scalar_score(record, weights), node_id=node_id)
         logger.log_metrics(metrics, step=record["epoch"])
         with tempfile.TemporaryDirectory() as tmp:
             save(Path(tmp) / "checkpoint.pt")
@@ -79,5 +80,5 @@ def sweep_trial(config: dict[str, Any], *, base: dict[str, Any], settings: dict[
         for name in ("pruned.safetensors", "model.onnx"):
             logger.log_artifact(out / name, "model")
     final["mlflow_unsent"] = logger.finish("FINISHED")
-    final["node_id"] = ray.get_runtime_context().get_node_id()
+    final["node_id"] = node_id
     tune.report(final)

@@ -215,14 +215,14 @@ def test_two_node_cluster_with_a_node_removed_mid_sweep(tmp_path, monkeypatch):
         t.start()
         summary = _fit(spec, state)
         t.join(timeout=1)
-        assert not worker.all_processes_alive()  # the node really went
+        assert len([n for n in ray.nodes() if n["Alive"]]) == 1  # the worker node really went
         finals = [tr for tr in summary["trials"] if tr["final"]]
         assert len(finals) == 4  # all N trials finished, the interrupted ones from their checkpoints
         nodes = set()
         for tr in summary["trials"]:
             lines = [json.loads(x) for x in (Path(tr["trial_dir"]) / "result.json").read_text().splitlines() if x]
             nodes |= {r["node_id"] for r in lines if r.get("node_id")}
-        assert len(nodes) >= 1
+        assert len(nodes) == 2  # trials ran on both nodes
         c = client(summary["tracking_uri"])
         assert len(child_runs(c, summary["experiment_id"], summary["parent_run_id"])) == 4
     finally:
