@@ -82,6 +82,9 @@ def _trainable(state: dict[str, Any]):
 
     from sweeps.trainable import sweep_trial
 
+    # Epoch results carry the ASHA score but not the objectives, which only exist once the trial
+    # has been pruned and measured; FrontSafeOptunaSearch only reads the final result.
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     res = state["run"]["resources"]
     fn = tune.with_parameters(sweep_trial, base=state["base"], settings=state["settings"])
     return tune.with_resources(fn, {"cpu": res.get("cpu", 1), "gpu": res.get("gpu", 0)})
@@ -93,9 +96,6 @@ def build_tuner(spec: SweepSpec, state: dict[str, Any]):
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import ConcurrencyLimiter
 
-    # Epoch results carry the ASHA score but not the objectives, which only exist once the trial
-    # has been pruned and measured; FrontSafeOptunaSearch only reads the final result.
-    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     run = state["run"]
     sweep_dir = Path(state["sweep_dir"])
     storage = optuna.storages.RDBStorage(f"sqlite:///{sweep_dir / STUDY_FILE}")

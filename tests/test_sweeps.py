@@ -53,12 +53,12 @@ def study_states(summary):
 
 
 def test_sweep_records_every_trial_and_retries_from_checkpoint(local_ray):
-    spec = make_spec("e2e", n=4, conc=2)
+    spec = make_spec("e2e", n=3, conc=2)
     state = prepare(spec, local_ray / "runs")
     state["settings"]["_fail_once_after_epoch"] = 1  # every trial fails once, after its first epoch
     summary = _fit(spec, state)
     study, states = study_states(summary)
-    assert states == ["COMPLETE"] * 4
+    assert states == ["COMPLETE"] * 3
     assert len(study.best_trials) >= 1 and len(study.directions) == 3
     # each trial failed once and went on from its epoch-1 checkpoint: no epoch ran twice
     for t in summary["trials"]:
@@ -71,7 +71,7 @@ def test_sweep_records_every_trial_and_retries_from_checkpoint(local_ray):
     c = client(summary["tracking_uri"])
     assert summary["tracking_uri"] == f"sqlite:///{local_ray / 'mlflow.db'}"
     kids = child_runs(c, summary["experiment_id"], summary["parent_run_id"])
-    assert len(kids) == 4
+    assert len(kids) == 3
     parent = c.get_run(summary["parent_run_id"])
     assert parent.data.tags["prunevision.sweep"] == "e2e" and "git_commit" in parent.data.tags
     for run in kids:
@@ -237,7 +237,7 @@ def test_interrupted_sweep_resumes_to_exactly_n_trials(tmp_path):
     base = json.loads(json.dumps(BASE))
     base["train"]["epochs"] = 3
     spec_file.write_text(yaml.safe_dump({"name": "resume", "base": base, "space": SPACE,
-                                         "search": {"num_samples": 4, "max_concurrent": 1},
+                                         "search": {"num_samples": 3, "max_concurrent": 1},
                                          "mlflow": {"experiment": "exp-resume"}}))
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     cmd = [sys.executable, "-m", "prunevision", "sweep", "run", str(spec_file), "--storage", str(tmp_path / "runs"),
@@ -262,8 +262,8 @@ def test_interrupted_sweep_resumes_to_exactly_n_trials(tmp_path):
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     summary = sweep_status(sweep_dir)
-    assert len(summary["trials"]) == 4 and all(t["final"] for t in summary["trials"])
+    assert len(summary["trials"]) == 3 and all(t["final"] for t in summary["trials"])
     c = client(summary["tracking_uri"])
     kids = child_runs(c, summary["experiment_id"], summary["parent_run_id"])
-    assert len(kids) == 4  # the interrupted trial kept its child run
-    assert len({k.data.tags["prunevision.trial_id"] for k in kids}) == 4
+    assert len(kids) == 3  # the interrupted trial kept its child run
+    assert len({k.data.tags["prunevision.trial_id"] for k in kids}) == 3
