@@ -4,9 +4,10 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 OUT    ?= runs/quickstart
+RUNS   ?= prunevision-runs
 DATA   ?=
 
-.PHONY: quickstart test lint smoke venv clean
+.PHONY: quickstart train-one test lint smoke venv clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +18,12 @@ $(STAMP): requirements.txt pyproject.toml
 
 venv: $(STAMP)
 
+# The main job: a real small sweep on CIFAR-10 (8 trials), recorded in ./mlflow.db.
 quickstart: $(STAMP)
+	$(PY) -m prunevision sweep run sweeps/configs/quickstart.yaml --storage $(RUNS) --set name=quickstart-$$(date +%Y%m%d-%H%M%S) $(if $(DATA),--set data.root=$(DATA))
+
+# One gated model, pruned, measured and exported (the quickstart before sweeps).
+train-one: $(STAMP)
 	$(PY) -m prunevision train configs/quickstart.yaml --out $(OUT) $(if $(DATA),--set data.root=$(DATA))
 
 test: $(STAMP)

@@ -50,6 +50,12 @@ def prepare(spec: SweepSpec, storage: str | Path) -> dict[str, Any]:
                          "or choose another name/--storage")
     uri = resolve_tracking_uri(spec.mlflow.get("tracking_uri"))
     check_reachable(uri)
+    # the dataset is found (or downloaded) and decoded once here: a missing dataset stops the sweep
+    # before Ray starts, and local trials read the decoded cache
+    from prunevision.data import load_dataset
+
+    base_cfg = spec.base_config()
+    load_dataset(base_cfg.data, seed=base_cfg.seed)
     c = client(uri)
     exp_id = experiment_id(c, spec.mlflow.get("experiment") or "prunevision")
     summary = spec_summary(spec)

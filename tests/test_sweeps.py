@@ -117,22 +117,35 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _start_mlflow_server(tmp, port):
+def _start_mlflow_server(tmp, port, attempts=3):
+    for attempt in range(attempts):  # a restart may find the port still held for a moment
+        try:
+            return _start_mlflow_server_once(tmp, port)
+        except RuntimeError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(2)
+
+
+def _start_mlflow_server_once(tmp, port):
     exe = Path(sys.executable).parent / "mlflow"
     proc = subprocess.Popen([str(exe), "server", "--backend-store-uri", f"sqlite:///{tmp / 'server.db'}",
                              "--artifacts-destination", str(tmp / "artifacts"), "--host", "127.0.0.1",
                              "--port", str(port), "--workers", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                            stdout=subprocess.DEVNULL, stderr=open(tmp / f"mlflow-server-{port}.log", "ab"),
+                            start_new_session=True)
     import urllib.request
 
-    for _ in range(120):
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
             return proc
         except OSError:
             time.sleep(0.5)
     proc.kill()
-    raise RuntimeError("mlflow server did not start")
+    log = (tmp / f"mlflow-server-{port}.log").read_text()[-1500:]
+    raise RuntimeError(f"mlflow server did not start: {log}")
 
 
 def _stop(proc):
