@@ -127,7 +127,8 @@ def build_tuner(spec: SweepSpec, state: dict[str, Any]):
                                   reduction_factor=s.get("reduction_factor", 2))
     return tune.Tuner(
         _trainable(state),
-        tune_config=tune.TuneConfig(search_alg=search, scheduler=scheduler, num_samples=run["num_samples"]),
+        tune_config=tune.TuneConfig(search_alg=search, scheduler=scheduler, num_samples=run["num_samples"],
+                                    reuse_actors=True),  # no new worker process (and imports) per trial
         run_config=tune.RunConfig(
             name=state["name"], storage_path=state["storage"],
             failure_config=tune.FailureConfig(max_failures=run["max_failures"]),

@@ -2,7 +2,8 @@
 
 It turns the sampled parameters (dotted config keys) into prunevision's dataclasses, runs the
 trial pipeline, reports every epoch with ``ray.tune.report`` and a checkpoint, and reports the
-final metrics once pruning, measurement and export are done (marked ``trial_final``). A trial
+final metrics once pruning, measurement and export are done (marked ``trial_final``), with the
+trial's output folder as its final checkpoint. A trial
 restarted after a failure or a restore goes on from its last checkpoint without repeating
 finished epochs, and keeps logging to the same MLflow child run.
 """
@@ -53,7 +54,9 @@ def sweep_trial(config: dict[str, Any], *, base: dict[str, Any], settings: dict[
 
     weights = settings["score"]
     node_id = ray.get_runtime_context().get_node_id()  # where this attempt runs (several nodes)
-    fail_once = settings.get("_fail_once_after_epoch")  # test hook: fail a trial once, mid-run
+    # test hook: fail every trial once, mid-run (markers in a folder every attempt can see)
+    fail_once = settings.get("_fail_once_after_epoch")
+    marker = Path(settings.get("_fail_marker_dir") or trial_dir) / f"{ctx.get_trial_id()}.failed_once"
 
     def report(record: dict[str, Any], save) -> None:
         metrics = dict(record, score=scalar_score(record, weights), node_id=node_id)
@@ -61,8 +64,8 @@ def sweep_trial(config: dict[str, Any], *, base: dict[str, Any], settings: dict[
         with tempfile.TemporaryDirectory() as tmp:
             save(Path(tmp) / "checkpoint.pt")
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
-        if fail_once and record["epoch"] == fail_once and not (trial_dir / ".failed_once").exists():
-            (trial_dir / ".failed_once").touch()
+        if fail_once and record["epoch"] == fail_once and not marker.exists():
+            marker.touch()
             raise RuntimeError("injected failure (test)")
 
     try:
@@ -81,4 +84,8 @@ def sweep_trial(config: dict[str, Any], *, base: dict[str, Any], settings: dict[
             logger.log_artifact(out / name, "model")
     final["mlflow_unsent"] = logger.finish("FINISHED")
     final["node_id"] = node_id
-    tune.report(final)
+    # The trial's outputs (metrics.json, pruned.safetensors, model.onnx, ...) travel to the sweep's
+    # storage as its final checkpoint: the one place Ray persists reliably on any node.
+    if resume is not None:
+        resume.unlink(missing_ok=True)
+    tune.report(final, checkpoint=tune.Checkpoint.from_directory(out))
