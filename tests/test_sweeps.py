@@ -138,7 +138,9 @@ def _start_mlflow_server_once(tmp, port):
                              "--artifacts-destination", str(tmp / "artifacts"), "--host", "127.0.0.1",
                              "--port", str(port), "--workers", "1"],
                             stdout=subprocess.DEVNULL, stderr=open(tmp / f"mlflow-server-{port}.log", "ab"),
-                            start_new_session=True)
+                            start_new_session=True,
+                            # no background job runner: it can outlive the server and hold the port
+                            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     import urllib.request
 
     deadline = time.time() + 180
@@ -160,6 +162,12 @@ def _stop(proc):
         os.killpg(proc.pid, signal.SIGKILL)  # workers the server started may outlive it
     except ProcessLookupError:
         pass
+    port = int(proc.args[proc.args.index("--port") + 1])
+    for _ in range(60):  # until nothing listens on the port any more
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) != 0:
+                return
+        time.sleep(0.5)
 
 
 def test_sweep_against_mlflow_server_and_a_blink(local_ray, monkeypatch):
