@@ -242,23 +242,26 @@ def load_config(
     path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None
 ) -> ExperimentConfig:
     """Read a YAML config (optional) and apply ``key=value`` overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {p} is not valid YAML: {_one_line(e)}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {p} must hold a mapping at the top level")
-        data = loaded
+    data = read_yaml_mapping(path, "config file") if path is not None else {}
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)
     return from_dict(data, overrides=overrides or {})
+
+
+def read_yaml_mapping(path: str | Path, what: str, error: type[ConfigError] = ConfigError) -> dict[str, Any]:
+    """A YAML file that holds a mapping (empty file: empty mapping); problems as one-line errors."""
+    p = Path(path)
+    if not p.is_file():
+        raise error(f"{what} not found: {p}")
+    try:
+        loaded = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise error(f"{what} {p} is not valid YAML: {_one_line(e)}") from None
+    if loaded is None:
+        loaded = {}
+    if not isinstance(loaded, dict):
+        raise error(f"{what} {p} must hold a mapping at the top level")
+    return loaded
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:

@@ -32,9 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from prunevision.config import ConfigError, ExperimentConfig, flatten, from_dict, load_config
+from prunevision.config import ConfigError, ExperimentConfig, flatten, from_dict, load_config, read_yaml_mapping
 
 OBJECTIVE_METRICS = ("accuracy", "param_sparsity", "latency_ms", "macs", "params", "size_bytes",
                      "size_gzip_bytes", "gate_sparsity", "latency_speedup", "macs_reduction")
@@ -83,14 +81,7 @@ class SweepSpec:
 
 def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> SweepSpec:
     p = Path(path)
-    if not p.is_file():
-        raise SweepError(f"sweep file not found: {p}")
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise SweepError(f"sweep file {p} is not valid YAML: {' '.join(str(e).split())}") from None
-    if not isinstance(raw, dict):
-        raise SweepError(f"sweep file {p} must hold a mapping")
+    raw = read_yaml_mapping(p, "sweep file", SweepError)
     if "base_config" in raw:
         base_path = (p.parent / raw["base_config"]).resolve()
         raw = dict(raw, base=load_config(base_path).to_dict())
