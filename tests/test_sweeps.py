@@ -156,18 +156,25 @@ def _start_mlflow_server_once(tmp, port):
 
 
 def _stop(proc):
+    """Stop the server and everything it started (uvicorn can outlive the `mlflow server` process)."""
+    port = int(proc.args[proc.args.index("--port") + 1])
     os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=30)
     try:
-        os.killpg(proc.pid, signal.SIGKILL)  # workers the server started may outlive it
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
-    port = int(proc.args[proc.args.index("--port") + 1])
+    subprocess.run(["pkill", "-9", "-f", f"--port {port}( |$)"], check=False)  # a uvicorn left behind
+    proc.wait(timeout=30)
     for _ in range(60):  # until nothing listens on the port any more
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) != 0:
                 return
         time.sleep(0.5)
+    raise RuntimeError(f"port {port} still in use after stopping the mlflow server")
 
 
 def test_sweep_against_mlflow_server_and_a_blink(local_ray, monkeypatch):
