@@ -167,14 +167,68 @@ def _stop(proc):
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
-    subprocess.run(["pkill", "-9", "-f", f"--port {port}( |$)"], check=False)  # a uvicorn left behind
+    subprocess.run(["pkill", "-9", "-f", "--", f"--port {port}( |$)"], check=False)  # a uvicorn left behind
     proc.wait(timeout=30)
     for _ in range(60):  # until nothing listens on the port any more
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) != 0:
                 return
         time.sleep(0.5)
-    raise RuntimeError(f"port {port} still in use after stopping the mlflow server")
+    raise RuntimeError(f"port {port} still in use after stopping the mlflow server")  # pragma: no cover
+
+
+class BlinkingProxy:
+    """A TCP relay on 127.0.0.1 in front of the tracking server; stop() is an outage (connections
+    refused), start() brings the same address back."""
+
+    def __init__(self, port, target_port):
+        self.port, self.target = port, target_port
+        self.listener, self.conns = None, []
+
+    def start(self):
+        import threading
+
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", self.port))
+        self.listener.listen(16)
+        threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
+
+    def stop(self):
+        for sock in [self.listener, *self.conns]:  # shutdown wakes the threads blocked on them
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+        self.conns = []
+
+    def _accept(self, listener):
+        import threading
+
+        while True:
+            try:
+                client_sock, _ = listener.accept()
+            except OSError:
+                return  # closed: the outage
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            self.conns += [client_sock, upstream]
+            for a, b in ((client_sock, upstream), (upstream, client_sock)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src, dst):
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for x in (src, dst):
+                try:
+                    x.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
 
 def test_sweep_against_mlflow_server_and_a_blink(local_ray, monkeypatch):
@@ -191,21 +245,24 @@ def test_sweep_against_mlflow_server_and_a_blink(local_ray, monkeypatch):
         # the server blinks: what cannot be sent waits in the trial folder and goes out later
         monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+        proxy = BlinkingProxy(_free_port(), port)
+        proxy.start()
         trial_dir = local_ray / "blink"
         trial_dir.mkdir()
-        log = TrialLogger(uri, summary["experiment_id"], summary["parent_run_id"], "blink-1", "blink", trial_dir,
-                          retries=2, backoff=0.01)
+        log = TrialLogger(f"http://127.0.0.1:{proxy.port}", summary["experiment_id"], summary["parent_run_id"],
+                          "blink-1", "blink", trial_dir, retries=2, backoff=0.01)
         log.start({"a": 1})
         log.log_metrics({"loss": 1.0}, step=1)
-        _stop(server)
-        log.log_metrics({"loss": 0.5}, step=2)  # server down: kept, trial goes on
+        proxy.stop()
+        log.log_metrics({"loss": 0.5}, step=2)  # server unreachable: kept, the trial goes on
         log.log_metrics({"loss": 0.25}, step=3)
         assert log.unsent() == 2
-        server = _start_mlflow_server(local_ray, port)
+        proxy.start()
         assert log.finish() == 0  # flushed, in order, then ended
         hist = c.get_metric_history(log.run_id, "loss")
         assert [(h.step, h.value) for h in sorted(hist, key=lambda h: h.step)] == [(1, 1.0), (2, 0.5), (3, 0.25)]
         assert c.get_run(log.run_id).info.status == "FINISHED"
+        proxy.stop()
     finally:
         _stop(server)
 
