@@ -117,9 +117,19 @@ def test_asha_stopped_trials_are_pruned_not_complete(local_ray):
 
 
 def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port outside the kernel's ephemeral range and Ray's worker ports (10002-19999), so
+    Ray's processes cannot take it between now and the server's bind."""
+    import random
+
+    for _ in range(200):
+        port = random.randint(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+    raise RuntimeError("no free port")  # pragma: no cover
 
 
 def _start_mlflow_server(tmp, port, attempts=3):
