@@ -41,7 +41,8 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
     if not uri.startswith(("http://", "https://")):
         return
     try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
+        # a fresh opener reads the proxy settings in force now (urlopen caches the first ones)
+        with urllib.request.build_opener().open(uri.rstrip("/") + "/health", timeout=timeout) as r:
             if r.status >= 400:
                 raise SweepError(f"MLflow tracking server {uri} answered {r.status}")
     except (urllib.error.URLError, OSError) as e:

@@ -156,7 +156,9 @@ def _start_mlflow_server_once(tmp, port):
     deadline = time.time() + 180
     while time.time() < deadline and proc.poll() is None:
         try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+            # a fresh opener without proxies: urlopen's cached one may hold a proxy an earlier test set
+            urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
+                f"http://127.0.0.1:{port}/health", timeout=1)
             return proc
         except OSError:
             time.sleep(0.5)
