@@ -149,10 +149,6 @@ def load_pruned(path: str | Path, device: str | torch.device = "cpu") -> nn.Modu
     return model
 
 
-def checkpoint_info(path: str | Path) -> dict[str, Any]:
-    return read_pruned(path)[0]
-
-
 def _resize(m: nn.Module, w: dict[str, int]) -> None:
     if isinstance(m, nn.Conv2d):
         m.in_channels, m.out_channels, m.groups = w["in"], w["out"], w["groups"]

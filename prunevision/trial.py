@@ -129,9 +129,9 @@ def prune_and_measure(model: nn.Module, data: Dataset, cfg: ExperimentConfig, ou
         "input": {"size": size, "mean": list(data.mean), "std": list(data.std), "layout": "NCHW float32"},
     }
     if m_cfg.export:
-        real = [data.test_x[:8].cpu()]
-        real = [((x.float() - torch.tensor(data.mean).view(1, 3, 1, 1) * 255) /
-                 (torch.tensor(data.std).view(1, 3, 1, 1) * 255)) for x in real]
+        # real test images, normalised by the same loader that feeds evaluation
+        real = [next(iter(DeviceLoader(data.test_x[:8].cpu(), data.test_y[:8].cpu(), 8, data.mean, data.std,
+                                       train=False)))[0]]
         e_p = export_onnx(pruned, out / "model.onnx", size, check_inputs=real, exporter=m_cfg.exporter)
         e_d = export_onnx(dense, out / "dense.onnx", size, check_inputs=real, exporter=m_cfg.exporter)
         metrics["onnx_max_abs_diff"] = max(e_p["max_abs_diff"], e_d["max_abs_diff"])
