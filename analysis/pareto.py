@@ -23,6 +23,7 @@ __all__ = [
     "knee_point",
     "nondominated_ranks",
     "pareto_front",
+    "within_bounds",
 ]
 
 
@@ -181,6 +182,28 @@ def knee_point(df: pd.DataFrame, objectives: Mapping[str, str] | None = None) ->
 _OPS = {"<=": np.less_equal, ">=": np.greater_equal, "<": np.less, ">": np.greater}
 
 
+def within_bounds(df: pd.DataFrame, bounds: Mapping[str, tuple[str, float]] | None = None) -> pd.DataFrame:
+    """The rows within every bound, e.g. ``{"latency_ms": ("<=", 2), "param_sparsity": (">=", 0.5)}``.
+
+    An empty result raises ConstraintError naming the bound that excluded everything (the first
+    bound, in the order given, after which no row was left).
+    """
+    rows = df
+    for col, (op, value) in (bounds or {}).items():
+        if op not in _OPS:
+            raise ValueError(f"bound on {col!r}: operator {op!r} must be one of {', '.join(_OPS)}")
+        if col not in rows.columns:
+            raise KeyError(f"bound on unknown column {col!r}")
+        kept = rows[_OPS[op](rows[col].to_numpy(dtype=float), value)]
+        if kept.empty:
+            have = rows[col].dropna()
+            seen = f"{have.min():.4g} to {have.max():.4g}" if len(have) else "no values"
+            raise ConstraintError(
+                f"no trial has {col} {op} {value:g} (among the {len(rows)} left, {col} ranges {seen})")
+        rows = kept
+    return rows
+
+
 def best_under_constraints(df: pd.DataFrame, target: str, mode: str = "max",
                            bounds: Mapping[str, tuple[str, float]] | None = None) -> pd.Series:
     """The best row for ``target`` among rows within every bound, e.g.
@@ -194,18 +217,7 @@ def best_under_constraints(df: pd.DataFrame, target: str, mode: str = "max",
     rows = df[df[target].notna()]
     if rows.empty:
         raise ConstraintError(f"no row has a value for {target!r}")
-    for col, (op, value) in (bounds or {}).items():
-        if op not in _OPS:
-            raise ValueError(f"bound on {col!r}: operator {op!r} must be one of {', '.join(_OPS)}")
-        if col not in rows.columns:
-            raise KeyError(f"bound on unknown column {col!r}")
-        kept = rows[_OPS[op](rows[col].to_numpy(dtype=float), value)]
-        if kept.empty:
-            have = rows[col].dropna()
-            seen = f"{have.min():.4g} to {have.max():.4g}" if len(have) else "no values"
-            raise ConstraintError(
-                f"no trial has {col} {op} {value:g} (among the {len(rows)} left, {col} ranges {seen})")
-        rows = kept
+    rows = within_bounds(rows, bounds)
     pos = rows[target].to_numpy(dtype=float)
     i = int(np.argmax(pos) if mode == "max" else np.argmin(pos))
     return rows.iloc[i]

@@ -44,12 +44,33 @@ def _prune_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _export_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="export a checkpoint to verified ONNX",
-                       description="Export a pruned checkpoint (pruned.safetensors) or a training checkpoint "
-                                   "(gates folded in) to ONNX, checked against PyTorch with ONNX Runtime.")
-    p.add_argument("checkpoint")
+    p = sub.add_parser("export", help="export a checkpoint, or a sweep's chosen model, to verified ONNX",
+                       description="Export a pruned checkpoint (pruned.safetensors), a training checkpoint "
+                                   "(gates folded in), or the chosen frontier trial of a sweep folder to ONNX, "
+                                   "checked against PyTorch with ONNX Runtime. For a sweep, also write a model "
+                                   "card (model.json) and register the model in MLflow with the alias champion.")
+    p.add_argument("checkpoint", help="pruned.safetensors, checkpoint.pt, or a sweep folder")
     p.add_argument("--out", required=True, help="ONNX file to write")
     p.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo")
+    from analysis.cli import add_selection_args
+
+    g = p.add_argument_group("sweep folders")
+    add_selection_args(g)
+    g.add_argument("--registered-model", default=None, metavar="NAME",
+                   help="MLflow registered model name (default: prunevision-<sweep name>)")
+    g.add_argument("--no-register", action="store_true", help="do not register the model in MLflow")
+
+
+def _analyze_parser(sub: argparse._SubParsersAction) -> None:
+    from analysis.cli import add_parser
+
+    add_parser(sub)
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from analysis.cli import run_analyze
+
+    return run_analyze(args)
 
 
 def _sweep_parser(sub: argparse._SubParsersAction) -> None:
@@ -134,6 +155,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from analysis.cli import is_sweep_dir
+
+    if is_sweep_dir(args.checkpoint):
+        from analysis.cli import run_export
+
+        return run_export(args)
     from prunevision.checkpoint import load_pruned, read_pruned
     from prunevision.export import export_onnx
 
@@ -180,7 +207,11 @@ def main(argv: list[str] | None = None) -> int:
     _prune_parser(sub)
     _export_parser(sub)
     _sweep_parser(sub)
+    _analyze_parser(sub)
     args = parser.parse_args(argv)
+    from analysis.pareto import ConstraintError
+    from analysis.remeasure import RemeasureError
+    from analysis.results import SweepDataError
     from prunevision.checkpoint import PrunedCheckpointError
     from prunevision.data import DatasetError
     from prunevision.export import ExportError
@@ -189,9 +220,10 @@ def main(argv: list[str] | None = None) -> int:
     from prunevision.train import CheckpointError
 
     try:
-        return {"train": cmd_train, "prune": cmd_prune, "export": cmd_export, "sweep": cmd_sweep}[args.command](args)
+        return {"train": cmd_train, "prune": cmd_prune, "export": cmd_export, "sweep": cmd_sweep,
+                "analyze": cmd_analyze}[args.command](args)
     except (ConfigError, DatasetError, PretrainedWeightsError, CheckpointError, PrunedCheckpointError, ExportError,
-            PruneError, FloatingPointError) as e:
+            PruneError, FloatingPointError, SweepDataError, ConstraintError, RemeasureError) as e:
         print(f"prunevision: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

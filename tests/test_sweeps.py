@@ -116,6 +116,10 @@ def test_asha_stopped_trials_are_pruned_not_complete(local_ray):
     complete = [t for t in study.trials if t.state.name == "COMPLETE"]
     assert all(t.values is not None for t in complete)
     assert {t.number for t in study.best_trials} <= {t.number for t in complete}  # no stopped trial on the front
+    from analysis.results import load_ray
+
+    df = load_ray(summary["sweep_dir"])  # the analysis reads Ray's files the same way
+    assert (df["status"] == "stopped").sum() == len(stopped) and (df["status"] == "complete").sum() == 3 - len(stopped)
 
 
 def _free_port():

@@ -1,0 +1,276 @@
+"""`prunevision analyze SWEEP_DIR`: the sweep's front, re-measured latency, plots and a report.
+
+Writes into ``--out`` (default ``<sweep>/analysis``): ``trials.csv`` (every trial, status and
+rank), ``pareto.csv`` (the front, full config), ``configs/<trial>.yaml`` (what
+``prunevision train`` needs to reproduce a front point), the plots, ``report.md`` and one
+self-contained ``report.html``; then logs them to the sweep's MLflow parent run.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from analysis import plots
+from analysis.choose import choose
+from analysis.pareto import (
+    default_reference,
+    hypervolume,
+    hypervolume_history,
+    nondominated_ranks,
+    to_minimisation,
+    within_bounds,
+)
+from analysis.remeasure import remeasure
+from analysis.report import Report
+from analysis.results import STUDY_FILE, SweepDataError, config_columns, load_sweep, read_state, status_counts
+
+SUMMARY_COLS = ["trial_id", "accuracy", "param_sparsity", "latency_ms", "latency_remeasured", "latency_speedup",
+                "macs_reduction", "accuracy_dense"]
+
+
+def rank_trials(df: pd.DataFrame, objectives: Mapping[str, str]) -> pd.DataFrame:
+    """``rank`` column: non-dominated rank among complete trials, -1 for every other row."""
+    df = df.copy()
+    df["rank"] = -1
+    done = df[(df["status"] == "complete")]
+    if not done.empty and all(k in df.columns for k in objectives):
+        df.loc[done.index, "rank"] = nondominated_ranks(done, objectives)
+    return df
+
+
+def analyze(sweep_dir: str | Path, out: str | Path | None = None, *, source: str = "ray", select: str = "knee",
+            bounds: Mapping[str, tuple[str, float]] | None = None, remeasure_latency: bool = True,
+            target: str = "onnxruntime-cpu", batch: int = 1, threads: int = 1, runs: int = 50,
+            log_to_mlflow: bool = True, log: Callable[[str], None] | None = print) -> dict[str, Any]:
+    sweep_dir = Path(sweep_dir).resolve()
+    state = read_state(sweep_dir)
+    objectives: dict[str, str] = dict(state["run"]["objectives"])
+    settings = state["settings"]
+    if log_to_mlflow:  # an unreachable server stops us before any work, not after it
+        from sweeps.tracking import check_reachable
+
+        check_reachable(settings["tracking_uri"])
+    df = load_sweep(sweep_dir, source)
+    counts = status_counts(df)
+    done = df[df["status"] == "complete"] if len(df) else df
+    if done.empty:
+        raise SweepDataError(f"{sweep_dir}: no complete trial yet ({_counts_text(counts) or 'no trials'})")
+    missing = [k for k in objectives if k not in df.columns]
+    if missing:
+        raise SweepDataError(f"the trials report no {', '.join(missing)}: cannot build the front")
+    # bounds that re-measurement cannot change are checked before it runs
+    within_bounds(done.dropna(subset=list(objectives)), {k: v for k, v in (bounds or {}).items() if k != "latency_ms"})
+    out = Path(out) if out else sweep_dir / "analysis"
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+
+    remeasured = False
+    if remeasure_latency and "latency_ms" in objectives and "output_dir" in df.columns:
+        kw = {"target": target, "batch": batch, "threads": threads, "runs": runs, "log": log}
+        df = remeasure(df, objectives, **kw)
+        for _ in range(3):  # new figures can move a trial that was not a candidate onto the front
+            ranked = rank_trials(df, objectives)
+            todo = ranked[(ranked["rank"] == 0) & ~ranked["latency_remeasured"].astype(bool)
+                          & ranked["output_dir"].notna()].index.tolist()
+            if not todo:
+                break
+            df = remeasure(df, objectives, rows=todo, **kw)
+        remeasured = bool(df["latency_remeasured"].any())
+    df = rank_trials(df, objectives)
+    done = df[df["status"] == "complete"]
+    front = done[done["rank"] == 0]
+    ref = default_reference(done, objectives)
+    pts, _ = to_minimisation(done, objectives)
+    hv = hypervolume(pts, ref) if len(objectives) <= 3 else float("nan")
+    hv_hist = (hypervolume_history(done, objectives, reference=ref, order="finished_at")
+               if len(objectives) <= 3 else pd.Series(dtype=float))
+    chosen = choose(df, objectives, select, bounds)
+    lat_note = f" ({target} b{batch}, re-measured)" if remeasured else " (as measured in the trials)"
+
+    # tables and configs
+    df.to_csv(out / "trials.csv", index=False)
+    cfg_dir = out / "configs"
+    cfg_dir.mkdir(exist_ok=True)
+    reproduce = {}
+    for _, r in pd.concat([front, chosen.to_frame().T]).drop_duplicates("trial_id").iterrows():
+        src = Path(r["output_dir"]) / "config.yaml" if isinstance(r.get("output_dir"), str) else None
+        if src is not None and src.is_file():
+            shutil.copyfile(src, cfg_dir / f"{r['trial_id']}.yaml")
+            tid = str(r["trial_id"])
+            reproduce[tid] = f"prunevision train {cfg_dir / (tid + '.yaml')} --out runs/{tid}"
+    front_csv = front.assign(reproduce=front["trial_id"].map(reproduce))
+    front_csv.to_csv(out / "pareto.csv", index=False)
+
+    # plots
+    chosen_metrics = plots.read_metrics(chosen.get("output_dir"))
+    files = {
+        "front_2d": plots.front_2d(df, objectives, out / "front_2d.png", chosen, lat_note),
+        "front_3d": plots.front_3d(df, objectives, out / "front_3d.html", chosen, lat_note),
+        "parallel": plots.parallel_coordinates(df, objectives, out / "parallel_coordinates.png"),
+        "hypervolume": plots.hypervolume_history(hv_hist, ref, out / "hypervolume.png"),
+        "gates": plots.copy_gate_histogram(chosen.get("output_dir"), out / "chosen_gate_histogram.png"),
+        "per_class": plots.per_class_accuracy(chosen_metrics, out / "chosen_per_class_accuracy.png"),
+    }
+    imp_note = ""
+    study_db = sweep_dir / STUDY_FILE
+    if study_db.is_file():
+        files["importance"], imp_note = plots.importance(study_db, state["name"], objectives,
+                                                         out / "importance.png")
+    else:
+        imp_note = "no Optuna study in the sweep folder: no hyperparameter importance"
+
+    summary = {
+        "sweep": state["name"], "sweep_dir": str(sweep_dir), "out": str(out), "source": source,
+        "objectives": objectives, "trials": counts, "front_size": int(len(front)), "hypervolume": hv,
+        "reference_point": ref.tolist(), "latency_remeasured": remeasured,
+        "latency_target": f"{target} batch {batch}, {threads} thread(s)" if remeasured else "trial measurements",
+        "chosen": {"trial_id": chosen["trial_id"], "select": select, "bounds": {k: list(v) for k, v in
+                                                                               (bounds or {}).items()},
+                   **{k: _num(chosen.get(k)) for k in SUMMARY_COLS[1:]}},
+        "files": {k: str(v) for k, v in files.items() if v},
+    }
+    md, page = _write_report(out, state, df, front, chosen, chosen_metrics, summary, files, reproduce, imp_note,
+                             hv_hist)
+    summary["files"].update({"report_md": str(md), "report_html": str(page), "pareto_csv": str(out / "pareto.csv"),
+                             "trials_csv": str(out / "trials.csv")})
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    summary["elapsed_s"] = time.perf_counter() - t0
+    if log_to_mlflow:
+        _log_to_parent(settings, out, summary)
+    return summary
+
+
+def _num(v: Any) -> Any:
+    if isinstance(v, (np.floating, np.integer)):
+        return v.item()
+    if isinstance(v, np.bool_):
+        return bool(v)
+    return v
+
+
+def _counts_text(counts: Mapping[str, int]) -> str:
+    return ", ".join(f"{v} {k}" for k, v in counts.items())
+
+
+def _write_report(out: Path, state: dict, df: pd.DataFrame, front: pd.DataFrame, chosen: pd.Series,
+                  chosen_metrics: dict, summary: dict, files: dict, reproduce: dict, imp_note: str,
+                  hv_hist: pd.Series) -> tuple[Path, Path]:
+    run, settings = state["run"], state["settings"]
+    objectives = summary["objectives"]
+    rep = Report(f"prunevision sweep report: {state['name']}", out)
+    rep.heading("Summary")
+    excluded = {k: v for k, v in summary["trials"].items() if k != "complete"}
+    rep.bullets([
+        f"Sweep folder: {summary['sweep_dir']} (results read from {summary['source']})",
+        f"Search: Optuna {run['sampler']} sampler, seed {run['seed']}, {run['num_samples']} trials planned, "
+        f"{run['max_concurrent']} at a time" + (f", scheduler {run['scheduler']}" if run.get("scheduler") else ""),
+        "Objectives: " + ", ".join(f"{k} ({v})" for k, v in objectives.items()),
+        f"Trials: {_counts_text(summary['trials'])}. Only complete trials take part in the front"
+        + (f"; left out: {_counts_text(excluded)}." if excluded else "."),
+        f"Front: {summary['front_size']} trial(s). Hypervolume {summary['hypervolume']:.6g} with reference point "
+        f"({', '.join(f'{v:.4g}' for v in summary['reference_point'])}) in minimisation space "
+        "(maximised objectives negated; accuracy and sparsity referenced at 0, latency at 1.1 × the worst).",
+        "Latency: " + (f"front and next rank re-measured one model at a time on {summary['latency_target']}, "
+                       "each next to its dense network (median of interleaved runs); other trials keep the "
+                       "figure measured during the sweep" if summary["latency_remeasured"]
+                       else "as measured inside the trials (not re-measured)"),
+        f"MLflow: {settings['tracking_uri']}, experiment {settings['experiment_id']}, parent run "
+        f"{settings['parent_run_id']}",
+    ])
+    rep.heading("Chosen model against its dense network")
+    sel = summary["chosen"]
+    bounds = ", ".join(f"{k} {op} {v:g}" for k, (op, v) in sel["bounds"].items()) or "no bounds"
+    rep.para(f"Trial {chosen['trial_id']}, selected by '{sel['select']}' ({bounds}). Ship it with: "
+             f"prunevision export {summary['sweep_dir']} --select {sel['select']} --out model.onnx")
+    cm = chosen_metrics
+    rows = [
+        {"what": "top-1 accuracy", "dense": chosen.get("accuracy_dense"), "pruned": chosen.get("accuracy"),
+         "ratio": None, "_c": "accuracy"},
+        {"what": "parameters", "dense": cm.get("params_dense"), "pruned": cm.get("params")},
+        {"what": "MACs per image", "dense": cm.get("macs_dense"), "pruned": cm.get("macs")},
+        {"what": "weights on disk (bytes)", "dense": cm.get("size_bytes_dense"), "pruned": cm.get("size_bytes")},
+        {"what": "latency (ms)" + (" re-measured" if summary["latency_remeasured"] else ""),
+         "dense": chosen.get("latency_ms_dense"), "pruned": chosen.get("latency_ms")},
+    ]
+    for r in rows:
+        d, p = r.get("dense"), r.get("pruned")
+        if r["what"] == "top-1 accuracy":
+            r["dense"], r["pruned"] = _pct(d), _pct(p)
+            r["ratio"] = f"{100 * (p - d):+.2f} points" if _ok(d) and _ok(p) else None
+        else:
+            r["ratio"] = f"{d / p:.2f}×" if _ok(d) and _ok(p) and p else None
+            r["dense"], r["pruned"] = _plain(d), _plain(p)
+    rep.table(rows, ["what", "dense", "pruned", "ratio"], ["", "dense", "pruned", "dense / pruned"])
+    rep.para("The dense network is the trained gated network with its gates folded in and nothing removed; "
+             "the pruned one had its closed channels removed and was fine-tuned.", note=True)
+    rep.image(files.get("gates"), "Gate values of the chosen trial after training, with its threshold")
+    rep.image(files.get("per_class"), "Per-class test accuracy of the chosen model and its dense network")
+
+    rep.heading("Pareto front")
+    cfg_cols = config_columns(front)
+    rows = [dict(r) for _, r in front.iterrows()]
+    cols = [c for c in SUMMARY_COLS if c in front.columns] + cfg_cols
+    rep.table(rows, cols, [c.replace("config/", "") for c in cols])
+    rep.para("Reproduce a front point (its full resolved config is in configs/):", note=True)
+    rep.code("\n".join(reproduce[t] for t in front["trial_id"] if t in reproduce) or "(no configs on disk)")
+    rep.image(files.get("front_2d"), "Objective pairs: all complete trials by Pareto rank, the front of each "
+                                     "projection, dense networks (x) and the chosen model (star)")
+    rep.embed_html(files.get("front_3d"), "Interactive 3-D view of the objectives (hover for each trial's config)")
+    rep.image(files.get("parallel"), "Hyperparameters and objectives of each complete trial, coloured by rank")
+    rep.image(files.get("importance"), "Hyperparameter importance per objective (Optuna study)")
+    if imp_note:
+        rep.para(imp_note, note=True)
+    rep.image(files.get("hypervolume"), "Hypervolume after each finished trial")
+
+    rep.heading("All trials")
+    others = df[df["status"] != "complete"]
+    cols = ["trial_id", "status", "rank"] + [c for c in ("accuracy", "param_sparsity", "latency_ms", "epochs_done",
+                                                          "num_failures") if c in df.columns]
+    rep.table([dict(r) for _, r in df.sort_values(["rank"]).iterrows()], cols)
+    if len(others):
+        rep.para(f"{len(others)} trial(s) are not complete (stopped early by the scheduler, errored or still "
+                 "running) and are kept out of every front.", note=True)
+    return rep.write()
+
+
+def _ok(v: Any) -> bool:
+    return v is not None and not (isinstance(v, float) and np.isnan(v))
+
+
+def _pct(v: Any) -> str | None:
+    return f"{100 * float(v):.2f} %" if _ok(v) else None
+
+
+def _plain(v: Any) -> str | None:
+    if not _ok(v):
+        return None
+    return f"{v:.4f}" if isinstance(v, float) and v < 100 else f"{int(v):,}"
+
+
+def _log_to_parent(settings: dict, out: Path, summary: dict) -> None:
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(settings["tracking_uri"])
+    run_id = settings["parent_run_id"]
+    for name in ("report.html", "report.md", "pareto.csv", "trials.csv", "summary.json"):
+        if (out / name).is_file():
+            c.log_artifact(run_id, str(out / name), "analysis")
+    for p in sorted(out.glob("*.png")) + sorted(out.glob("*.html")):
+        if p.name != "report.html":
+            c.log_artifact(run_id, str(p), "analysis/plots")
+    metrics = {"analysis.front_size": summary["front_size"], "analysis.trials_complete":
+               summary["trials"].get("complete", 0)}
+    if np.isfinite(summary["hypervolume"]):
+        metrics["analysis.hypervolume"] = summary["hypervolume"]
+    for k, v in metrics.items():
+        c.log_metric(run_id, k, float(v))
+    c.set_tag(run_id, "prunevision.chosen_trial", str(summary["chosen"]["trial_id"]))
+    summary["mlflow_parent_run"] = run_id

@@ -1,0 +1,192 @@
+"""`prunevision export SWEEP_DIR --select ...`: ship the chosen frontier model.
+
+Loads the chosen trial's pruned checkpoint (retraining the trial from its config only when the
+sweep did not keep it, and saying so), exports ONNX, verifies it against PyTorch with ONNX
+Runtime, writes a model card next to it (``model.json``) and registers the ONNX model in the
+MLflow model registry with the alias ``champion``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from analysis.choose import choose
+from analysis.report import config_of
+from analysis.results import SweepDataError, load_sweep, read_state
+
+CHAMPION = "champion"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _retrain(row: pd.Series, work: Path, log: Callable[[str], None] | None) -> Path:
+    """Run the trial again from its saved config (same seed) when its pruned model is gone."""
+    from prunevision.config import load_config
+    from prunevision.pipeline import run_training
+
+    cfg_path = Path(row["output_dir"]) / "config.yaml" if isinstance(row.get("output_dir"), str) else None
+    if cfg_path is None or not cfg_path.is_file():
+        raise SweepDataError(f"trial {row['trial_id']}: neither its pruned model nor its config.yaml is on disk; "
+                             "it cannot be exported or retrained")
+    cfg = load_config(cfg_path, {"measure.latency": False})
+    if log:
+        log(f"trial {row['trial_id']}: the sweep did not keep its pruned model; RETRAINING it from {cfg_path} "
+            f"({cfg.train.epochs} epochs, seed {cfg.seed}) — its metrics may differ slightly from the sweep's")
+    run_training(cfg, work, log=log)
+    return work / "pruned.safetensors"
+
+
+def _trial_run_id(settings: dict, trial_id: str) -> str | None:
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(settings["tracking_uri"])
+    runs = c.search_runs([settings["experiment_id"]],
+                         filter_string=f"tags.`prunevision.trial_id` = '{trial_id}' and "
+                                       f"tags.`mlflow.parentRunId` = '{settings['parent_run_id']}'", max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def _check_images(meta: dict, output_dir: Path | None, n: int = 16):
+    """Real test images for the ONNX check when the trial's dataset can be read quickly, else None."""
+    try:
+        from prunevision.config import load_config
+        from prunevision.data import DeviceLoader, load_dataset
+
+        cfg = load_config(output_dir / "config.yaml")
+        data = load_dataset(cfg.data, seed=cfg.seed)
+        x, y = data.test_x[:n].cpu(), data.test_y[:n].cpu()
+        return next(iter(DeviceLoader(x, y, n, data.mean, data.std, train=False)))[0]
+    except Exception:
+        return None
+
+
+def export_chosen(sweep_dir: str | Path, out: str | Path, *, select: str = "knee",
+                  bounds: Mapping[str, tuple[str, float]] | None = None, exporter: str = "dynamo",
+                  register: bool = True, registered_model: str | None = None,
+                  log: Callable[[str], None] | None = print) -> dict[str, Any]:
+    from prunevision.checkpoint import load_pruned, read_pruned
+    from prunevision.export import TOLERANCE, export_onnx
+
+    sweep_dir = Path(sweep_dir).resolve()
+    state = read_state(sweep_dir)
+    settings = state["settings"]
+    out = Path(out)
+    if out.suffix != ".onnx":
+        raise SweepDataError(f"--out must name an .onnx file, got {out}")
+    if register:  # before any work: an unreachable registry must not cost an export first
+        from sweeps.tracking import check_reachable
+
+        check_reachable(settings["tracking_uri"])
+    objectives = dict(state["run"]["objectives"])
+    df = load_sweep(sweep_dir, "ray")
+    row = choose(df, objectives, select, bounds)
+    tid = str(row["trial_id"])
+    output_dir = Path(row["output_dir"]) if isinstance(row.get("output_dir"), str) else None
+    ckpt = output_dir / "pruned.safetensors" if output_dir else None
+    retrained = False
+    with tempfile.TemporaryDirectory(prefix="prunevision-retrain-") as tmp:
+        if ckpt is None or not ckpt.is_file():
+            ckpt = _retrain(row, Path(tmp), log)
+            retrained = True
+        meta, _ = read_pruned(ckpt)
+        model = load_pruned(ckpt)
+        size = int(meta["image_size"])
+        real = _check_images(meta, output_dir) if output_dir else None
+        check = export_onnx(model, out, size, check_inputs=[real] if real is not None else [], exporter=exporter)
+        metrics = json.loads((ckpt.parent / "metrics.json").read_text()) if (ckpt.parent / "metrics.json").is_file() \
+            else {}
+        config_yaml = (ckpt.parent / "config.yaml").read_text() if (ckpt.parent / "config.yaml").is_file() else None
+    import onnxruntime
+    import torch
+
+    keep = ("accuracy", "accuracy_dense", "accuracy_before_finetune", "param_sparsity", "params", "params_dense",
+            "macs", "macs_dense", "macs_reduction", "size_bytes", "size_bytes_dense", "latency_ms", "latency_ms_dense",
+            "latency_speedup", "per_class_accuracy")
+    card: dict[str, Any] = {
+        "name": registered_model or f"prunevision-{state['name']}",
+        "file": str(out.resolve()), "sha256": _sha256(out), "size_bytes": out.stat().st_size,
+        "input": metrics.get("input") or {"size": size, "mean": meta["extra"].get("mean"),
+                                          "std": meta["extra"].get("std"), "layout": "NCHW float32"},
+        "output": {"name": "logits", "classes": meta["extra"].get("classes")},
+        "metrics": {k: metrics.get(k, row.get(k)) for k in keep if metrics.get(k, row.get(k)) is not None},
+        "sweep_metrics": {k: (None if pd.isna(row.get(k)) else float(row[k])) for k in objectives if k in row},
+        "selection": {"strategy": select, "bounds": {k: list(v) for k, v in (bounds or {}).items()},
+                      "objectives": objectives},
+        "source": {"sweep": state["name"], "sweep_dir": str(sweep_dir), "trial_id": tid,
+                   "trial_dir": row.get("trial_dir"), "checkpoint": None if retrained else str(ckpt),
+                   "retrained": retrained, "mlflow_run_id": None, "tracking_uri": settings["tracking_uri"]},
+        "config": config_of(row),
+        "full_config": _yaml(config_yaml),
+        "verification": {"engine": f"onnxruntime {onnxruntime.__version__} CPUExecutionProvider",
+                         "reference": f"PyTorch {torch.__version__} eager, CPU fp32",
+                         "max_abs_diff": check["max_abs_diff"], "tolerance": TOLERANCE,
+                         "batches": check["checked_batches"], "real_images": real is not None,
+                         "exporter": check["exporter"], "passed": True},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "host": platform.node(),
+    }
+    if register:
+        card["source"]["mlflow_run_id"] = _trial_run_id(settings, tid)
+        card["registry"] = _register(out, card, settings, size)
+    card_path = out.with_name(out.stem + ".json") if out.stem != "model" else out.with_name("model.json")
+    card_path.write_text(json.dumps(card, indent=2, default=str))
+    card["card"] = str(card_path)
+    return card
+
+
+def _yaml(text: str | None) -> Any:
+    if not text:
+        return None
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def _register(onnx_path: Path, card: dict, settings: dict, size: int) -> dict[str, Any]:
+    """Log the ONNX model in an export run under the sweep's parent run, register it and point the
+    ``champion`` alias at the new version."""
+    import mlflow
+    import numpy as np
+    import onnx
+    from mlflow.models import infer_signature
+    from mlflow.tracking import MlflowClient
+
+    name = card["name"]
+    c = MlflowClient(settings["tracking_uri"])
+    mlflow.set_tracking_uri(settings["tracking_uri"])
+    x = np.zeros((1, 3, size, size), dtype=np.float32)
+    n_classes = len(card["output"]["classes"] or []) or 1
+    sig = infer_signature(x, np.zeros((1, n_classes), dtype=np.float32))
+    run = c.create_run(settings["experiment_id"], run_name=f"export-{card['source']['trial_id']}", tags={
+        "mlflow.parentRunId": settings["parent_run_id"], "prunevision.source_trial": card["source"]["trial_id"],
+        "prunevision.source_run_id": card["source"]["mlflow_run_id"] or ""})
+    try:
+        with mlflow.start_run(run_id=run.info.run_id):
+            info = mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="model", registered_model_name=name,
+                                         signature=sig)
+            mlflow.log_dict({k: v for k, v in card.items() if k != "full_config"}, "model_card.json")
+            mlflow.log_metrics({f"model.{k}": float(v) for k, v in card["metrics"].items()
+                                if isinstance(v, (int, float))})
+        version = str(info.registered_model_version)
+        c.set_registered_model_alias(name, CHAMPION, version)
+        c.set_model_version_tag(name, version, "prunevision.source_trial", card["source"]["trial_id"])
+        c.set_model_version_tag(name, version, "prunevision.sha256", card["sha256"])
+    except Exception:
+        c.set_terminated(run.info.run_id, status="FAILED")
+        raise
+    return {"name": name, "version": version, "alias": CHAMPION, "run_id": run.info.run_id,
+            "uri": f"models:/{name}@{CHAMPION}", "model_uri": info.model_uri}
