@@ -8,10 +8,12 @@ same share of weights with torch.nn.utils.prune (sparse, same shapes). Weights a
 this measures speed, not accuracy.
 
 Every variant is exported with the default (dynamo) ONNX exporter, verified against PyTorch,
-and timed with ONNX Runtime on CPU in one interleaved run (warm-up, then ``--runs`` timed runs
-each; medians and 90th percentiles), at batch 1 and a larger batch, with a fixed thread count.
+and timed with ONNX Runtime on CPU and with PyTorch eager on CPU, each engine in one interleaved
+run (warm-up, then ``--runs`` timed runs each at batch 1, ``--runs-large`` at larger batches;
+medians and 90th percentiles), with a fixed thread count. The table is appended to
+benchmarks/RESULTS.md with the command, machine, date and commit.
 
-    .venv/bin/python benchmarks/prune_latency.py --out benchmarks/results/prune_latency.json
+    .venv/bin/python benchmarks/prune_latency.py
 """
 
 from __future__ import annotations
@@ -19,18 +21,19 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
-import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import RESULTS_MD, append_results, machine  # noqa: E402
 from prunevision.config import GateConfig, ModelConfig
 from prunevision.export import export_onnx
 from prunevision.gates import ChannelGate, iter_gates
-from prunevision.measure import macs_and_params, onnx_latency, size_on_disk
+from prunevision.measure import macs_and_params, onnx_latency, size_on_disk, torch_latency
 from prunevision.models import build_gated_model
 from prunevision.prune import apply_unstructured, prune_by_gates, remove_masks, strip_gates, zero_fraction
 
@@ -47,7 +50,8 @@ def close_share(model: torch.nn.Module, share: float) -> None:
                 g.score.copy_(torch.where(closed, -10.0, 6.0).to(g.score.dtype))
 
 
-def variants(name: str, shares: list[float], round_to: int | None = None) -> dict[str, torch.nn.Module]:
+def variants(name: str, shares: list[float], round_to: int | None = None,
+             masked_shares: list[float] | None = None) -> dict[str, torch.nn.Module]:
     torch.manual_seed(0)
     base = build_gated_model(ModelConfig(name=name, small_input=True), GateConfig(), 10, SIZE).eval()
     out = {"dense": strip_gates(copy.deepcopy(base))}
@@ -56,6 +60,8 @@ def variants(name: str, shares: list[float], round_to: int | None = None) -> dic
         close_share(m, s)
         prune_by_gates(m, torch.zeros(1, 3, SIZE, SIZE), 0.5, round_to=round_to)
         out[f"pruned_{int(s * 100)}"] = strip_gates(m, 0.5)
+        if masked_shares is not None and s not in masked_shares:
+            continue
         masked = strip_gates(copy.deepcopy(base))
         apply_unstructured(masked, "l1_unstructured", s)
         remove_masks(masked)
@@ -63,46 +69,40 @@ def variants(name: str, shares: list[float], round_to: int | None = None) -> dic
     return out
 
 
-def machine() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--models", default="resnet18,mobilenet_v2,efficientnet_b0")
-    ap.add_argument("--shares", default="0.5,0.75")
+    ap.add_argument("--models", default="resnet18,mobilenet_v2,efficientnet_b0,hybrid")
+    ap.add_argument("--shares", default="0.25,0.5,0.75")
+    ap.add_argument("--masked-shares", default="0.5,0.75", help="shares that also get a masked baseline")
     ap.add_argument("--batches", default="1,64")
-    ap.add_argument("--runs", type=int, default=30)
-    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--runs", type=int, default=30, help="timed runs per variant at batch 1")
+    ap.add_argument("--runs-large", type=int, default=10, help="timed runs per variant at larger batches")
+    ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--round-to", type=int, default=8, help="kept widths rounded up to a multiple (0: off)")
     ap.add_argument("--exporter", default="dynamo", choices=("dynamo", "torchscript"))
+    ap.add_argument("--no-torch", action="store_true", help="ONNX Runtime only")
     ap.add_argument("--out", default="benchmarks/results/prune_latency.json")
-    ap.add_argument("--smoke-test", action="store_true", help="one small model, batch 1, 30 runs, no warm-up")
+    ap.add_argument("--results-md", default=str(RESULTS_MD), help="where to append the table ('' for nowhere)")
+    ap.add_argument("--smoke-test", action="store_true", help="one small model, batch 1, 30 runs; appends nothing")
     args = ap.parse_args()
     if args.smoke_test:
-        args.models, args.shares, args.batches, args.warmup = "mobilenet_v3_small", "0.5", "1", 0
+        args.models, args.shares, args.masked_shares, args.batches, args.warmup = (
+            "mobilenet_v3_small", "0.5", "0.5", "1", 0)
     shares = [float(s) for s in args.shares.split(",")]
+    masked_shares = [float(s) for s in args.masked_shares.split(",") if s]
     batches = [int(b) for b in args.batches.split(",")]
     torch.set_num_threads(args.threads)
-    result = {"command": "benchmarks/prune_latency.py " + " ".join(
-                  f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out", "smoke_test")),
-              "date": time.strftime("%Y-%m-%d"), "machine": machine(),
+    result = {"date": time.strftime("%Y-%m-%d"), "machine": machine(),
               "torch": torch.__version__, "threads": args.threads, "models": {}}
     import onnxruntime
 
     result["onnxruntime"] = onnxruntime.__version__
+    engines = ["ort"] + ([] if args.no_torch else ["torch"])
+    lines = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
-            vs = variants(name, shares, args.round_to or None)
+            vs = variants(name, shares, args.round_to or None, masked_shares)
             paths, rows = {}, {}
             for k, m in vs.items():
                 macs, params = macs_and_params(m, SIZE)
@@ -112,28 +112,46 @@ def main() -> None:
                 rows[k] = {"macs": macs, "params": params, "size_bytes": raw, "size_gzip_bytes": gz,
                            "zero_fraction": zero_fraction(m), "onnx_max_abs_diff": e["max_abs_diff"]}
             for b in batches:
-                lat = onnx_latency(paths, SIZE, batch=b, runs=args.runs, warmup=args.warmup, threads=args.threads)
+                runs = args.runs if b == 1 else args.runs_large
+                lat = onnx_latency(paths, SIZE, batch=b, runs=runs, warmup=args.warmup, threads=args.threads)
                 for k, v in lat.items():
-                    rows[k][f"b{b}"] = v
+                    rows[k][f"ort_b{b}"] = v
+                if "torch" in engines:
+                    lat = torch_latency(vs, SIZE, "cpu", batch=b, runs=runs, warmup=args.warmup, threads=args.threads)
+                    for k, v in lat.items():
+                        rows[k][f"torch_b{b}"] = v
             d = rows["dense"]
             for r in rows.values():
                 r["macs_ratio"] = d["macs"] / r["macs"]
-                for b in batches:
-                    r[f"speedup_b{b}"] = d[f"b{b}"]["median_ms"] / r[f"b{b}"]["median_ms"]
-                    r[f"speedup_over_macs_ratio_b{b}"] = r[f"speedup_b{b}"] / r["macs_ratio"]
+                for e in engines:
+                    for b in batches:
+                        r[f"speedup_{e}_b{b}"] = d[f"{e}_b{b}"]["median_ms"] / r[f"{e}_b{b}"]["median_ms"]
             result["models"][name] = rows
-            print(f"\n{name}")
-            print("| variant | params | MACs | MACs ratio | " + " | ".join(
-                f"b{b} median ms (p90) | speed-up b{b}" for b in batches) + " | zeros | gzip MB |")
             for k, r in rows.items():
-                cells = " | ".join(f"{r[f'b{b}']['median_ms']:.3f} ({r[f'b{b}']['p90_ms']:.3f}) | "
-                                   f"{r[f'speedup_b{b}']:.2f}x" for b in batches)
-                print(f"| {k} | {r['params'] / 1e6:.2f} M | {r['macs'] / 1e6:.1f} M | {r['macs_ratio']:.2f}x | "
-                      f"{cells} | {r['zero_fraction']:.0%} | {r['size_gzip_bytes'] / 1e6:.2f} |")
+                cells = " | ".join(f"{r[f'{e}_b{b}']['median_ms']:.3f} | **{r[f'speedup_{e}_b{b}']:.2f}×**"
+                                   if k.startswith("pruned") else
+                                   f"{r[f'{e}_b{b}']['median_ms']:.3f} | {r[f'speedup_{e}_b{b}']:.2f}×"
+                                   for e in engines for b in batches)
+                variant = k.replace("_", " ") + (" %" if k != "dense" else "")
+                lines.append(f"| {name} | {variant} | {r['params'] / 1e6:.2f} M | {r['macs'] / 1e6:.1f} M | "
+                             f"{r['macs_ratio']:.2f}× | {cells} |")
+            print("\n".join(lines[-len(rows):]), flush=True)
+    eng_name = {"ort": "ONNX Runtime", "torch": "PyTorch eager"}
+    head = ("| model | variant | params | MACs | MACs ratio | " + " | ".join(
+        f"{eng_name[e]} b{b} ms | speed-up" for e in engines for b in batches) + " |")
+    table = "\n".join([head, "|" + " --- |" * (5 + 2 * len(engines) * len(batches)), *lines])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"\nwrote {out}")
+    if not args.smoke_test and args.results_md:
+        body = (f"Untrained weights (speed only), small-image stem, 32×32 input, 10 classes; channels removed by "
+                f"gate pruning (round_to={args.round_to}); masked = the same share of weights zeroed by "
+                f"torch.nn.utils.prune (L1). CPU, {args.threads} thread; ONNX Runtime {onnxruntime.__version__} and "
+                f"PyTorch {torch.__version__} eager, each engine interleaved over all variants of a model "
+                f"({args.runs} timed runs at batch 1, {args.runs_large} at larger batches, medians). "
+                f"Raw: `{args.out}`.\n\n{table}\n")
+        append_results("Pruning into speed (`benchmarks/prune_latency.py`)", body, args.results_md)
 
 
 if __name__ == "__main__":

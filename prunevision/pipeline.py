@@ -56,11 +56,14 @@ def run_training(
     cfg = resolve_config(cfg, data)
     save_config(cfg, out / "config.yaml")
     data.to(device)
+    t_data = time.perf_counter() - t_load
     if log:
         log(f"data: {data.name} from {data.source}: {len(data.train_y)} train / {len(data.test_y)} test images, "
             f"{data.num_classes} classes, {data.image_size}px (ready in {time.perf_counter() - t_load:.1f}s)")
+    t_model = time.perf_counter()
     model = build_gated_model(cfg.model, cfg.gates, data.num_classes, data.image_size,
                               pretrained=False if ckpt is not None else None)
+    t_model = time.perf_counter() - t_model
     n_gates = sum(m.values().numel() for _, m in iter_gates(model))
     if log:
         n_params = sum(p.numel() for p in model.parameters())
@@ -77,11 +80,13 @@ def run_training(
     train_time = time.perf_counter() - t0
     state.save(out / "checkpoint.pt")
     metrics = final_metrics(state, data, cfg, train_time, device)
+    timings = {"data_load_s": t_data, "model_build_s": t_model, "train_s": train_time}
     if cfg.measure.enabled:
         from prunevision.trial import prune_and_measure
 
         metrics.update(prune_and_measure(state.model, data, cfg, out, log=log))
         metrics["history"] = state.history + metrics.pop("prune_history")
+    metrics["timings"] = {**timings, **metrics.get("timings", {})}
     write_json(out / "metrics.json", metrics)
     return metrics
 

@@ -4,6 +4,7 @@ same run, export both to verified ONNX, save the pruned model as data."""
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,8 @@ def prune_and_measure(model: nn.Module, data: Dataset, cfg: ExperimentConfig, ou
                       log: Callable[[str], None] | None = echo) -> dict[str, Any]:
     p, m_cfg = cfg.prune, cfg.measure
     size = data.image_size
+    tm = {"prune_s": 0.0, "finetune_s": 0.0, "evaluate_s": 0.0, "measure_s": 0.0, "export_s": 0.0}
+    clock = time.perf_counter
     dev = data.train_x.device
     test = DeviceLoader(data.test_x, data.test_y, cfg.data.eval_batch_size, data.mean, data.std, train=False)
     model = model.to(memory_format=torch.contiguous_format)
@@ -70,7 +73,9 @@ def prune_and_measure(model: nn.Module, data: Dataset, cfg: ExperimentConfig, ou
     g_sparsity = gate_sparsity(model, p.threshold)
 
     dense = strip_gates(copy.deepcopy(model))  # the trained network, gates folded in, nothing removed
+    t = clock()
     ev_dense = evaluate(dense, test, data.num_classes)
+    tm["evaluate_s"] += clock() - t
 
     pruned = model
     example = torch.zeros(1, 3, size, size, device=dev)
@@ -81,27 +86,42 @@ def prune_and_measure(model: nn.Module, data: Dataset, cfg: ExperimentConfig, ou
         strip_gates(pruned)
     for step in range(p.steps):
         if p.method == "gate" and step > 0 and p.finetune_epochs > 0:
+            t = clock()
             history += finetune(pruned, data, cfg, p.finetune_epochs, penalty=True, phase=f"gate-step{step + 1}",
                                 log=log)
+            tm["finetune_s"] += clock() - t
+        t = clock()
         rep = prune_step(pruned, example, p.method, threshold=p.threshold, ratio=ratio, round_to=p.round_to,
                          min_channels=p.min_channels, max_layer_sparsity=p.max_layer_sparsity,
                          calibration=calibration_batches(data, cfg))
+        tm["prune_s"] += clock() - t
         report.merge(rep)
         if log:
             log(f"prune step {step + 1}/{p.steps} ({p.method}): {rep.channels_removed} channels/weights removed")
         if p.method != "gate" and step < p.steps - 1 and p.finetune_epochs > 0:
+            t = clock()
             history += finetune(pruned, data, cfg, p.finetune_epochs, penalty=False, phase=f"finetune-step{step + 1}",
                                 log=log)
+            tm["finetune_s"] += clock() - t
+    t = clock()
     if p.method == "gate":
         strip_gates(pruned, p.threshold)
         keep_zeros(pruned)  # closed weight gates stay zero through fine-tuning
+    tm["prune_s"] += clock() - t
+    t = clock()
     acc_before_ft = evaluate(pruned, test, data.num_classes)["accuracy"]
+    tm["evaluate_s"] += clock() - t
     if p.finetune_epochs > 0:
+        t = clock()
         history += finetune(pruned, data, cfg, p.finetune_epochs, penalty=False, phase="finetune", log=log)
+        tm["finetune_s"] += clock() - t
     remove_masks(pruned)
+    t = clock()
     ev = evaluate(pruned, test, data.num_classes)
+    tm["evaluate_s"] += clock() - t
 
     dense, pruned = dense.cpu().eval(), pruned.cpu().eval()
+    t = clock()
     macs_d, params_d = macs_and_params(dense, size)
     macs_p, params_p = macs_and_params(pruned, size)
     size_d, gz_d = size_on_disk(dense)
@@ -128,7 +148,9 @@ def prune_and_measure(model: nn.Module, data: Dataset, cfg: ExperimentConfig, ou
         "prune_history": history,
         "input": {"size": size, "mean": list(data.mean), "std": list(data.std), "layout": "NCHW float32"},
     }
+    tm["measure_s"] += clock() - t
     if m_cfg.export:
+        t = clock()
         # real test images, normalised by the same loader that feeds evaluation
         real = [next(iter(DeviceLoader(data.test_x[:8].cpu(), data.test_y[:8].cpu(), 8, data.mean, data.std,
                                        train=False)))[0]]
@@ -137,7 +159,9 @@ def prune_and_measure(model: nn.Module, data: Dataset, cfg: ExperimentConfig, ou
         metrics["onnx_max_abs_diff"] = max(e_p["max_abs_diff"], e_d["max_abs_diff"])
         metrics["onnx_size_bytes"] = e_p["size_bytes"]
         metrics["onnx_size_bytes_dense"] = e_d["size_bytes"]
+        tm["export_s"] += clock() - t
     if m_cfg.latency:
+        t = clock()
         paths = {"dense": out / "dense.onnx", "pruned": out / "model.onnx"}
         lat = {}
         for b in sorted({1, m_cfg.batch}):
@@ -156,6 +180,8 @@ def prune_and_measure(model: nn.Module, data: Dataset, cfg: ExperimentConfig, ou
             "latency_speedup": b1["dense"]["median_ms"] / b1["pruned"]["median_ms"],
             "latency": lat,
         })
+        tm["measure_s"] += clock() - t
+    metrics["timings"] = tm
     if log:
         msg = (f"pruned ({p.method}): accuracy {ev['accuracy']:.4f} (dense {ev_dense['accuracy']:.4f}), "
                f"params {params_p / 1e6:.3f} M of {params_d / 1e6:.3f} M, MACs {macs_p / 1e6:.1f} M of "

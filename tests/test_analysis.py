@@ -204,3 +204,13 @@ def test_choose_strategies_and_bounds():
         choose(df, OBJ, "knee", make_bounds(max_latency_ms=0.5))
     with pytest.raises(ConstraintError, match="fraction"):
         make_bounds(min_accuracy=85)
+
+
+def test_frontier_quality_benchmark_smoke(sweep, tracking, tmp_path):
+    out = tmp_path / "fq.json"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "frontier_quality.py"), str(sweep), "--smoke-test",
+                        "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert len(res["baselines"]) == 1 and 0 <= res["dense_accuracy_mean"] <= 1
+    assert "dense" in res["latency"] and len(res["rows"]) >= 1
