@@ -28,6 +28,8 @@ PruneMethod = Literal[
     "taylor",
     "bn_scale",
     "random_structured",
+    "ocap",
+    "lrp",
 ]
 
 
@@ -72,7 +74,8 @@ class DataConfig:
     # cifar10: CIFAR-10 (torchvision batches, ImageFolder tree or .tar.gz of either; downloaded
     # when root holds nothing and download is true). imagefolder: any train/ + test/|val/ tree.
     # synthetic: generated images, for tests and smoke tests only.
-    name: Literal["cifar10", "imagefolder", "synthetic"] = "cifar10"
+    # gtsrb: the German Traffic Sign Recognition Benchmark through torchvision.datasets.GTSRB.
+    name: Literal["cifar10", "imagefolder", "gtsrb", "synthetic"] = "cifar10"
     root: Optional[str] = None
     download: bool = True
     # Fraction (0, 1] or count (> 1) of training / test images to use.
@@ -88,8 +91,18 @@ class DataConfig:
     synthetic_train: int = 512
     synthetic_test: int = 256
     cache_dir: Optional[str] = None
+    # Class-aware runs: train, calibrate and evaluate on these classes only (names, or indices
+    # into the dataset's class list). class_head=subset: the classifier outputs just these classes
+    # (labels renumbered in the order given); full: it keeps every class of the dataset.
+    classes: Optional[tuple[str, ...]] = None
+    class_head: Literal["subset", "full"] = "subset"
 
     def __post_init__(self) -> None:
+        if self.classes is not None:
+            if isinstance(self.classes, (str, int)) or len(self.classes) < 2:
+                raise ConfigError("data.classes: a list of at least 2 class names or indices")
+            if len({str(c) for c in self.classes}) != len(self.classes):
+                raise ConfigError("data.classes: a class is listed twice")
         for key in ("subset", "test_subset"):
             v = getattr(self, key)
             if v is not None and (v <= 0 or (v > 1 and v != int(v))):
@@ -173,7 +186,11 @@ class PruneConfig:
     max_layer_sparsity: Optional[float] = None  # per-layer cap on the share of channels removed
     finetune_epochs: int = 1  # after pruning, and (iterative) between steps
     finetune_lr: float = 0.01
-    calibration_batches: int = 8  # taylor: batches whose loss gradients rank the channels
+    calibration_batches: int = 8  # taylor, ocap, lrp: batches (of data.classes when set) that rank channels
+    skip_first: int = 0  # leave the first N conv layers (in forward order) unpruned
+    # baselines: several pruning ratios from the one trained model, each its own pruned model and
+    # metrics row (in ratios/), besides target_sparsity
+    ratios: Optional[tuple[float, ...]] = None
 
     def __post_init__(self) -> None:
         _check_range("prune.threshold", self.threshold, low=0.0, high=1.0, low_open=True, high_open=True)
@@ -188,6 +205,13 @@ class PruneConfig:
         _check_range("prune.finetune_epochs", self.finetune_epochs, low=0)
         _check_range("prune.finetune_lr", self.finetune_lr, low=0.0, low_open=True)
         _check_range("prune.calibration_batches", self.calibration_batches, low=1)
+        _check_range("prune.skip_first", self.skip_first, low=0)
+        if self.ratios is not None:
+            if self.method == "gate":
+                raise ConfigError("prune.ratios: for the baseline methods (gate pruning follows the gates; sweep "
+                                  "prune.threshold instead)")
+            for r in self.ratios:
+                _check_range("prune.ratios", r, low=0.0, high=1.0, low_open=True, high_open=True)
         if self.method != "gate" and self.target_sparsity is None:
             raise ConfigError(f"prune.target_sparsity: required for prune.method={self.method}")
 

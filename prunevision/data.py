@@ -55,6 +55,7 @@ class Dataset:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     source: str
+    selected: tuple[str, ...] | None = None  # data.classes: the classes trained and evaluated on
 
     @property
     def num_classes(self) -> int:
@@ -63,6 +64,11 @@ class Dataset:
     @property
     def image_size(self) -> int:
         return int(self.train_x.shape[-1])
+
+    def per_class(self, values: list[float]) -> dict[str, float]:
+        """Per-class figures by class name; with data.classes and a full head, the selected ones only."""
+        pc = dict(zip(self.classes, values))
+        return {c: pc[c] for c in self.selected} if self.selected else pc
 
     def to(self, device: torch.device | str) -> Dataset:
         for k in ("train_x", "train_y", "test_x", "test_y"):
@@ -84,11 +90,57 @@ def load_dataset(cfg: DataConfig, seed: int = 0) -> Dataset:
     if cfg.name == "synthetic":
         ds = synthetic_dataset(cfg.num_classes, cfg.synthetic_train, cfg.synthetic_test,
                                cfg.image_size or 32, seed=seed)
+    elif cfg.name == "gtsrb":
+        ds = _load_gtsrb(cfg)
     else:
         ds = _load_real(cfg)
+    if cfg.classes:
+        ds = select_classes(ds, cfg.classes, renumber=cfg.class_head == "subset")
     g = torch.Generator().manual_seed(seed)
     ds.train_x, ds.train_y = _subset(ds.train_x, ds.train_y, cfg.subset, g)
     ds.test_x, ds.test_y = _subset(ds.test_x, ds.test_y, cfg.test_subset, g)
+    return ds
+
+
+def resolve_classes(available: tuple[str, ...], wanted: tuple[str, ...]) -> list[int]:
+    """Indices of the wanted classes: by name, else by index into the dataset's class list."""
+    import difflib
+
+    out = []
+    for w in wanted:
+        if w in available:
+            out.append(available.index(w))
+        elif w.isdigit() and int(w) < len(available):
+            out.append(int(w))
+        else:
+            near = difflib.get_close_matches(w, available, n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise DatasetError(f"data.classes: the dataset has no class {w!r}{hint}; it has "
+                               f"{', '.join(available[:12])}{', ...' if len(available) > 12 else ''}")
+    if len(set(out)) != len(out):
+        raise DatasetError("data.classes: the same class is named twice (by name and by index)")
+    return out
+
+
+def select_classes(ds: Dataset, wanted: tuple[str, ...], renumber: bool = True) -> Dataset:
+    """Keep only the images of the wanted classes. ``renumber``: labels become 0..k-1 in the order
+    given and ``classes`` lists just those (the model gets a k-way head); otherwise labels and the
+    class list stay as they are. ``selected`` names the classes kept either way."""
+    idx = resolve_classes(ds.classes, wanted)
+    lut = torch.full((len(ds.classes),), -1, dtype=torch.long)
+    lut[torch.tensor(idx)] = torch.arange(len(idx))
+    for split in ("train", "test"):
+        x, y = getattr(ds, f"{split}_x"), getattr(ds, f"{split}_y")
+        keep = lut[y.cpu()] >= 0
+        if not keep.any():
+            raise DatasetError(f"data.classes: no {split} image belongs to {', '.join(wanted)}")
+        x, y = x[keep.to(x.device)], y[keep.to(y.device)]
+        setattr(ds, f"{split}_x", x)
+        setattr(ds, f"{split}_y", lut.to(y.device)[y] if renumber else y)
+    names = tuple(ds.classes[i] for i in idx)
+    ds.selected = names
+    if renumber:
+        ds.classes = names
     return ds
 
 
@@ -166,6 +218,42 @@ def _load_real(cfg: DataConfig) -> Dataset:
     t = {k: torch.from_numpy(arrays[k]) for k in ("train_x", "train_y", "test_x", "test_y")}
     return Dataset(cfg.name, classes, t["train_x"], t["train_y"].long(), t["test_x"], t["test_y"].long(),
                    mean, std, source=str(path))
+
+
+def _load_gtsrb(cfg: DataConfig) -> Dataset:
+    """GTSRB through torchvision.datasets.GTSRB (its own download, checksummed), decoded once into
+    the cache at ``data.image_size`` (default 32) px: the images come in many sizes."""
+    from torchvision.datasets import GTSRB
+
+    cache = default_cache_dir(cfg)
+    root = Path(cfg.root).expanduser() if cfg.root else cache / "data" / "gtsrb"
+    if root.is_file():
+        root = _extract_archive(root, cache)
+    size = cfg.image_size or 32
+    splits = {}
+    for split in ("train", "test"):
+        try:
+            splits[split] = GTSRB(str(root), split=split, download=cfg.download)._samples
+        except Exception as e:  # not there and no download (offline, or download off)
+            raise DatasetError(
+                f"no GTSRB {split} split at {root} ({' '.join(str(e).split())[:200]}). Provide it with "
+                "`--set data.root=<folder>` holding torchvision's layout (gtsrb/GTSRB/Training/<class>/*.ppm, "
+                "gtsrb/GTSRB/Final_Test/Images/*.ppm and gtsrb/GT-final_test.csv), or allow data.download"
+            ) from None
+    src = root / "gtsrb"
+    key = _cache_key("gtsrb", src, size)
+    arrays = _read_cache(cache / "decoded" / key)
+    if arrays is None:
+        trx, tr_y = _decode_files(splits["train"], size)
+        tex, te_y = _decode_files(splits["test"], size)
+        n = int(max(tr_y.max(), te_y.max())) + 1
+        mean, std = _channel_stats(torch.from_numpy(trx))
+        arrays = {"train_x": trx, "train_y": tr_y, "test_x": tex, "test_y": te_y,
+                  "classes": [str(i) for i in range(max(n, 43))], "mean": list(mean), "std": list(std)}
+        _write_cache(cache / "decoded" / key, arrays)
+    t = {k: torch.from_numpy(arrays[k]) for k in _ARRAY_KEYS}
+    return Dataset("gtsrb", tuple(arrays["classes"]), t["train_x"], t["train_y"].long(), t["test_x"],
+                   t["test_y"].long(), tuple(arrays["mean"]), tuple(arrays["std"]), source=str(src))
 
 
 def _missing_message(cfg: DataConfig, root: Path) -> str:
@@ -348,8 +436,6 @@ def _decode_imagefolder(root: Path, image_size: int | None) -> dict:
 
 
 def _decode_split(split: Path, classes: list[str], image_size: int | None) -> tuple[np.ndarray, np.ndarray]:
-    from PIL import Image, UnidentifiedImageError
-
     files, labels = [], []
     for i, c in enumerate(classes):
         cdir = split / c
@@ -361,6 +447,19 @@ def _decode_split(split: Path, classes: list[str], image_size: int | None) -> tu
                 labels.append(i)
     if not files:
         raise DatasetError(f"{split} holds no images in class folders ({', '.join(classes[:5])}, ...)")
+    return _decode_files(list(zip(files, labels)), image_size, where=str(split))
+
+
+def _decode_files(samples: list[tuple], image_size: int | None, where: str = "the dataset"
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Decode (path, label) pairs into N×3×H×W uint8, resized to image_size when given."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not samples:
+        raise DatasetError(f"{where} holds no images")
+    files = [Path(p) for p, _ in samples]
+    labels = [int(c) for _, c in samples]
+    split = where
 
     def decode(p: Path) -> np.ndarray:
         try:

@@ -23,6 +23,7 @@ import torch
 from prunevision.config import ConfigError, ExperimentConfig, save_config
 from prunevision.console import echo
 from prunevision.data import Dataset, DeviceLoader, load_dataset
+from prunevision.diagnostics import GATE_BINS, gate_snapshot, plot_gate_history
 from prunevision.gates import gate_stats, iter_gates
 from prunevision.models import build_gated_model
 from prunevision.train import Reporter, TrainState, evaluate, fit, load_checkpoint, select_device
@@ -69,7 +70,10 @@ def run_training(
         n_params = sum(p.numel() for p in model.parameters())
         log(f"model: {cfg.model.name}, {n_params / 1e6:.2f} M parameters, {n_gates} gates; device {device}")
 
+    gate_history: list[dict[str, list[int]]] = []
+
     def report(record: dict[str, Any], save: Callable[[str | Path], Path]) -> None:
+        gate_history.append(gate_snapshot(model))
         if record["epoch"] % cfg.train.checkpoint_every == 0:
             save(out / "checkpoint.pt")
         if reporter is not None:
@@ -79,6 +83,9 @@ def run_training(
     state = fit(model, data, cfg, reporter=report, resume=ckpt, log=log)
     train_time = time.perf_counter() - t0
     state.save(out / "checkpoint.pt")
+    if gate_history and gate_history[0]:
+        write_json(out / "gate_history.json", {"bins": GATE_BINS.tolist(), "epochs": gate_history})
+        plot_gate_history(gate_history, cfg.prune.threshold, out / "gate_histograms_over_training.png")
     metrics = final_metrics(state, data, cfg, train_time, device)
     timings = {"data_load_s": t_data, "model_build_s": t_model, "train_s": train_time}
     if cfg.measure.enabled:
@@ -100,7 +107,7 @@ def final_metrics(state: TrainState, data: Dataset, cfg: ExperimentConfig, train
     return {
         "accuracy": ev["accuracy"],
         "test_loss": ev["loss"],
-        "per_class_accuracy": dict(zip(data.classes, ev["per_class_accuracy"])),
+        "per_class_accuracy": data.per_class(ev["per_class_accuracy"]),
         "mean_gate": stats["all"]["mean"],
         "gates_below_threshold": stats["all"]["below_threshold"],
         "gates": stats,

@@ -8,7 +8,13 @@ the channel dimension, so DepGraph prunes them along with their channels.
 
 Baselines go through the same pipeline: masks (``l1_unstructured``, ``random_unstructured``:
 sparse, same shapes, no speed-up) and structured group criteria from torch-pruning
-(``l1_structured``, ``l2_structured``, ``taylor``, ``bn_scale``, ``random_structured``).
+(``l1_structured``, ``l2_structured``, ``taylor``, ``bn_scale``, ``random_structured``), and two
+class-aware criteria computed on calibration images of the selected classes (``data.classes``):
+``ocap`` (output activation statistics of each channel, collected with forward hooks; layers
+compared on normalised scores, so each layer gets its own ratio) and ``lrp`` (layer-wise
+relevance of each channel for the true class, LRP-0 computed as activation × gradient of the
+true-class logit, which equals LRP-0 for networks of ReLUs and linear layers; accumulated over the
+calibration images).
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ from torch.nn.utils import prune as nn_prune
 
 from prunevision.gates import ChannelGate, PrunableLinear
 
-STRUCTURED = ("l1_structured", "l2_structured", "taylor", "bn_scale", "random_structured")
+STRUCTURED = ("l1_structured", "l2_structured", "taylor", "bn_scale", "random_structured", "ocap", "lrp")
+CLASS_AWARE = ("ocap", "lrp")
 UNSTRUCTURED = ("l1_unstructured", "random_unstructured")
 
 
@@ -196,6 +203,7 @@ def prune_by_gates(
     round_to: int | None = None,
     min_channels: int = 1,
     max_layer_sparsity: float | None = None,
+    skip: Iterable[nn.Module] | None = None,
 ) -> PruneReport:
     """Remove every channel whose coupled gates are all under ``threshold``.
 
@@ -223,8 +231,12 @@ def prune_by_gates(
         DG = tp.DependencyGraph().build_dependency(model, example_inputs=example, customized_pruners=GATE_PRUNERS)
     names = _names(model)
     report = PruneReport("gate")
-    for group in DG.get_all_groups(ignored_layers=[head] if head is not None else [],
-                                   root_module_types=(nn.Conv2d, nn.Linear)):
+    ignored = ([head] if head is not None else []) + list(skip or [])
+    skip_ids = {m for m in skip or []}
+    for group in DG.get_all_groups(ignored_layers=ignored, root_module_types=(nn.Conv2d, nn.Linear)):
+        if skip and any(dep.target.module in skip_ids and "out_channels" in getattr(dep.handler, "__name__", "")
+                        for dep, _ in group):
+            continue  # a skipped layer's channels stay, and so do those coupled to them
         imp = importance(group)
         if imp is None:
             continue
@@ -264,6 +276,101 @@ def _channel_groups(group) -> int:
     return max(groups)
 
 
+class ChannelScoreImportance(tp.importance.GroupMagnitudeImportance):
+    """Precomputed scores per output channel of conv / norm layers, read for each DepGraph group
+    (mean over the group's layers, then divided by the group's mean so that layers of different
+    scale compare in global pruning)."""
+
+    def __init__(self, scores: dict[nn.Module, torch.Tensor]):
+        super().__init__(p=1, group_reduction="mean", normalizer="mean")
+        self.scores = scores
+
+    def __call__(self, group) -> torch.Tensor | None:
+        from torch_pruning.pruner import function as F
+
+        out_fns = (F.prune_conv_out_channels, F.prune_batchnorm_out_channels, F.prune_linear_out_channels)
+        imps, roots = [], []
+        for i, (dep, idxs) in enumerate(group):
+            score = self.scores.get(dep.layer)
+            if score is not None and dep.pruning_fn in out_fns and len(score) > max(idxs, default=-1):
+                imps.append(score[idxs].float())
+                roots.append(group[i].root_idxs)
+        if not imps:
+            return None
+        return self._normalize(self._reduce(imps, roots), self.normalizer)
+
+
+def _scored_layers(model: nn.Module) -> list[nn.Module]:
+    """Where channel statistics are read: each norm layer, and each conv not followed by one."""
+    order = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d, nn.GroupNorm))]
+    out = []
+    for i, m in enumerate(order):
+        if isinstance(m, nn.Conv2d) and i + 1 < len(order) and not isinstance(order[i + 1], nn.Conv2d):
+            continue  # its norm (next in module order) stands for it
+        out.append(m)
+    return out
+
+
+def class_aware_scores(model: nn.Module, method: str,
+                       calibration: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict[nn.Module, torch.Tensor]:
+    """One score per output channel of every norm/conv layer, from calibration batches.
+
+    ``ocap``: mean positive activation (after the layer, as the following ReLU sees it).
+    ``lrp``: mean |Σ_spatial activation × ∂ logit_true / ∂ activation| (LRP-0 relevance).
+    """
+    layers = _scored_layers(model)
+    sums: dict[nn.Module, torch.Tensor] = {}
+    count = 0
+    acts: dict[nn.Module, torch.Tensor] = {}
+    relus = [m for m in model.modules() if isinstance(m, (nn.ReLU, nn.ReLU6)) and m.inplace]
+    for m in relus:  # relevance needs the activations as they were, not rectified in place
+        m.inplace = False
+
+    def hook(mod, _inp, out):
+        if not isinstance(out, torch.Tensor) or out.dim() != 4:
+            return
+        if method == "ocap":
+            s = out.detach().clamp_min(0).mean(dim=(0, 2, 3)) * out.shape[0]
+            sums[mod] = sums.get(mod, 0) + s
+        else:
+            out.retain_grad()
+            acts[mod] = out
+
+    handles = [m.register_forward_hook(hook) for m in layers]
+    was = model.training
+    model.eval()
+    try:
+        for x, y in calibration:
+            if method == "ocap":
+                with torch.no_grad():
+                    model(x)
+            else:
+                acts.clear()
+                model.zero_grad(set_to_none=True)
+                with torch.enable_grad():
+                    logits = model(x)
+                    logits.gather(1, y.view(-1, 1)).sum().backward()
+                for mod, a in acts.items():
+                    if a.grad is not None:
+                        r = (a.detach() * a.grad).sum(dim=(2, 3)).abs().sum(dim=0)
+                        sums[mod] = sums.get(mod, 0) + r
+            count += len(x)
+    finally:
+        for h in handles:
+            h.remove()
+        for m in relus:
+            m.inplace = True
+        model.zero_grad(set_to_none=True)
+        model.train(was)
+    if count == 0:
+        raise PruneError(f"prune.method={method} needs calibration images")
+    return {m: (v / count).cpu() for m, v in sums.items()}
+
+
+def first_convs(model: nn.Module, n: int) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, nn.Conv2d)][:n]
+
+
 def structured_importance(method: str) -> tp.importance.Importance:
     if method == "l1_structured":
         return tp.importance.GroupMagnitudeImportance(p=1)
@@ -287,20 +394,29 @@ def prune_structured(
     round_to: int | None = None,
     max_layer_sparsity: float | None = None,
     calibration: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    skip: Iterable[nn.Module] | None = None,
 ) -> PruneReport:
-    """Remove ``ratio`` of every prunable group's channels by a torch-pruning group criterion.
+    """Remove ``ratio`` of every prunable group's channels by a torch-pruning group criterion
+    (class-aware methods: ``ratio`` of all channels, spread over layers by their scores).
 
-    ``taylor`` needs ``calibration`` batches (their loss gradients rank the channels).
+    ``taylor``, ``ocap`` and ``lrp`` need ``calibration`` batches. ``skip``: layers left whole.
     """
     head = classifier_head(model)
-    imp = structured_importance(method)
+    if method in CLASS_AWARE:
+        if calibration is None:
+            raise PruneError(f"prune.method={method} needs calibration batches")
+        imp = ChannelScoreImportance(class_aware_scores(model, method, calibration))
+    else:
+        imp = structured_importance(method)
+    ignored = ([head] if head is not None else []) + list(skip or [])
     was_training = model.training
     model.eval()
     with torch.enable_grad():  # DepGraph traces with autograd
         pruner = tp.pruner.BasePruner(
             model, example, importance=imp, pruning_ratio=ratio,
             max_pruning_ratio=max_layer_sparsity if max_layer_sparsity is not None else 0.95,
-            ignored_layers=[head] if head is not None else [], round_to=round_to, global_pruning=False,
+            ignored_layers=ignored, round_to=round_to,
+            global_pruning=method in CLASS_AWARE,  # per-layer ratios from the scores themselves
         )
     if method == "taylor":
         if calibration is None:
@@ -371,12 +487,15 @@ def prune_step(
     min_channels: int = 1,
     max_layer_sparsity: float | None = None,
     calibration: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]] | None = None,
+    skip_first: int = 0,
 ) -> PruneReport:
-    """One pruning step of any method (``ratio``: share of what remains, for baselines)."""
+    """One pruning step of any method (``ratio``: share of what remains, for baselines).
+    ``skip_first``: the first N conv layers keep all their channels (structured methods)."""
+    skip = first_convs(model, skip_first) if skip_first else None
     if method == "gate":
         return prune_by_gates(model, example, threshold, round_to=round_to, min_channels=min_channels,
-                              max_layer_sparsity=max_layer_sparsity)
+                              max_layer_sparsity=max_layer_sparsity, skip=skip)
     if method in UNSTRUCTURED:
         return apply_unstructured(model, method, ratio)
     return prune_structured(model, example, method, ratio, round_to=round_to, max_layer_sparsity=max_layer_sparsity,
-                            calibration=calibration() if calibration else None)
+                            calibration=calibration() if calibration else None, skip=skip)

@@ -16,6 +16,13 @@ from prunevision.checkpoint import save_pruned
 from prunevision.config import ExperimentConfig
 from prunevision.console import echo
 from prunevision.data import Dataset, DeviceLoader
+from prunevision.diagnostics import (
+    first_conv,
+    kept_filters,
+    plot_first_conv_filters,
+    plot_prune_steps,
+    plot_ratio_curve,
+)
 from prunevision.export import export_onnx
 from prunevision.gates import ChannelGate, gate_values, iter_gates
 from prunevision.measure import macs_and_params, onnx_latency, size_on_disk, torch_latency
@@ -60,8 +67,30 @@ def calibration_batches(data: Dataset, cfg: ExperimentConfig):
     return lambda: [b for _, b in zip(range(cfg.prune.calibration_batches), loader)]
 
 
+def prune_at_ratios(model: nn.Module, data: Dataset, cfg: ExperimentConfig, out: Path,
+                    log: Callable[[str], None] | None) -> list[dict[str, Any]]:
+    """Each of prune.ratios from a copy of the one trained model: its own pruned model, ONNX files
+    and metrics in ``out/ratios/rNN/``; one summary row per ratio."""
+    rows = []
+    for r in cfg.prune.ratios or ():
+        sub = cfg.replace(**{"prune.target_sparsity": r, "prune.ratios": None})
+        d = out / "ratios" / f"r{int(round(r * 100)):02d}"
+        d.mkdir(parents=True, exist_ok=True)
+        if log:
+            log(f"ratio {r:g}: pruning a copy of the trained model ({cfg.prune.method})")
+        m = prune_and_measure(copy.deepcopy(model), data, sub, d, log=log)
+        from prunevision.pipeline import write_json
+
+        write_json(d / "metrics.json", m)
+        rows.append({"ratio": r, "dir": str(d), **{k: m[k] for k in (
+            "accuracy", "accuracy_before_finetune", "accuracy_dense", "param_sparsity", "macs_reduction",
+            "latency_ms", "latency_speedup", "size_bytes") if k in m}})
+    return rows
+
+
 def prune_and_measure(model: nn.Module, data: Dataset, cfg: ExperimentConfig, out: Path,
                       log: Callable[[str], None] | None = echo) -> dict[str, Any]:
+    ratio_rows = prune_at_ratios(model, data, cfg, out, log) if cfg.prune.ratios else None
     p, m_cfg = cfg.prune, cfg.measure
     size = data.image_size
     tm = {"prune_s": 0.0, "finetune_s": 0.0, "evaluate_s": 0.0, "measure_s": 0.0, "export_s": 0.0}
@@ -78,6 +107,11 @@ def prune_and_measure(model: nn.Module, data: Dataset, cfg: ExperimentConfig, ou
     tm["evaluate_s"] += clock() - t
 
     pruned = model
+    conv0 = first_conv(model)
+    w0 = conv0.weight.detach().clone() if conv0 is not None else None
+    steps_rec = []
+    if p.steps > 1:
+        steps_rec.append(_step_record(0, dense, ev_dense["accuracy"], None, size))
     example = torch.zeros(1, 3, size, size, device=dev)
     history: list[dict[str, Any]] = []
     report = PruneReport(p.method)
@@ -93,9 +127,14 @@ def prune_and_measure(model: nn.Module, data: Dataset, cfg: ExperimentConfig, ou
         t = clock()
         rep = prune_step(pruned, example, p.method, threshold=p.threshold, ratio=ratio, round_to=p.round_to,
                          min_channels=p.min_channels, max_layer_sparsity=p.max_layer_sparsity,
-                         calibration=calibration_batches(data, cfg))
+                         calibration=calibration_batches(data, cfg), skip_first=p.skip_first)
         tm["prune_s"] += clock() - t
         report.merge(rep)
+        if p.steps > 1:
+            t = clock()
+            acc = evaluate(pruned, test, data.num_classes)["accuracy"]
+            steps_rec.append(_step_record(step + 1, pruned, acc, steps_rec[0]["params"], size))
+            tm["evaluate_s"] += clock() - t
         if log:
             log(f"prune step {step + 1}/{p.steps} ({p.method}): {rep.channels_removed} channels/weights removed")
         if p.method != "gate" and step < p.steps - 1 and p.finetune_epochs > 0:
@@ -108,6 +147,8 @@ def prune_and_measure(model: nn.Module, data: Dataset, cfg: ExperimentConfig, ou
         strip_gates(pruned, p.threshold)
         keep_zeros(pruned)  # closed weight gates stay zero through fine-tuning
     tm["prune_s"] += clock() - t
+    if w0 is not None and first_conv(pruned) is not None:
+        plot_first_conv_filters(w0, kept_filters(w0, first_conv(pruned).weight), out / "first_conv_filters.png")
     t = clock()
     acc_before_ft = evaluate(pruned, test, data.num_classes)["accuracy"]
     tm["evaluate_s"] += clock() - t
@@ -134,8 +175,8 @@ def prune_and_measure(model: nn.Module, data: Dataset, cfg: ExperimentConfig, ou
         "accuracy": ev["accuracy"],
         "accuracy_dense": ev_dense["accuracy"],
         "accuracy_before_finetune": acc_before_ft,
-        "per_class_accuracy": dict(zip(data.classes, ev["per_class_accuracy"])),
-        "per_class_accuracy_dense": dict(zip(data.classes, ev_dense["per_class_accuracy"])),
+        "per_class_accuracy": data.per_class(ev["per_class_accuracy"]),
+        "per_class_accuracy_dense": data.per_class(ev_dense["per_class_accuracy"]),
         "params": params_p, "params_dense": params_d,
         "macs": macs_p, "macs_dense": macs_d,
         "param_sparsity": 1.0 - params_p / params_d,
@@ -182,6 +223,13 @@ def prune_and_measure(model: nn.Module, data: Dataset, cfg: ExperimentConfig, ou
         })
         tm["measure_s"] += clock() - t
     metrics["timings"] = tm
+    if steps_rec:
+        metrics["prune_steps"] = steps_rec
+        plot_prune_steps(steps_rec, out / "prune_steps.png")
+    if ratio_rows is not None:
+        metrics["ratio_curve"] = ratio_rows
+        plot_ratio_curve(ratio_rows + [{"ratio": p.target_sparsity, **{k: metrics.get(k) for k in (
+            "accuracy", "accuracy_before_finetune", "latency_speedup")}}], p.method, out / "ratio_curve.png")
     if log:
         msg = (f"pruned ({p.method}): accuracy {ev['accuracy']:.4f} (dense {ev_dense['accuracy']:.4f}), "
                f"params {params_p / 1e6:.3f} M of {params_d / 1e6:.3f} M, MACs {macs_p / 1e6:.1f} M of "
@@ -191,6 +239,15 @@ def prune_and_measure(model: nn.Module, data: Dataset, cfg: ExperimentConfig, ou
                     f"({metrics['latency_speedup']:.2f}x)")
         log(msg)
     return metrics
+
+
+def _step_record(step: int, model: nn.Module, accuracy: float, params_dense: int | None, size: int) -> dict:
+    """Accuracy, parameter sparsity and PyTorch CPU latency (batch 1) of the model after a step."""
+    m = copy.deepcopy(model).cpu().eval()
+    params = sum(q.numel() for name, q in m.named_parameters() if not name.endswith("score"))
+    lat = torch_latency({"m": m}, size, "cpu", batch=1, runs=30, warmup=3, threads=1)["m"]["median_ms"]
+    return {"step": step, "accuracy": accuracy, "params": params,
+            "param_sparsity": 0.0 if params_dense is None else 1 - params / params_dense, "latency_ms": lat}
 
 
 def write_gate_histogram(model: nn.Module, threshold: float, path: Path) -> None:

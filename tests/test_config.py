@@ -38,7 +38,7 @@ def test_yaml_plus_overrides(tmp_path):
         ("train.lr=fast", "train.lr: expected a number"),
         ("model.name=resnet19", "model.name: unknown model 'resnet19' (did you mean 'resnet18'?)"),
         ("model.name=torchvision:resnet1000", "not a torchvision classification model"),
-        ("data.name=mnist", "data.name: 'mnist' is not one of cifar10, imagefolder, synthetic"),
+        ("data.name=mnist", "data.name: 'mnist' is not one of cifar10, imagefolder, gtsrb, synthetic"),
         ("gates.penalty=l2", "gates.penalty"),
         ("prune.method=magic", "prune.method"),
         ("data.augment=maybe", "data.augment: expected true or false"),
