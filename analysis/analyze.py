@@ -32,6 +32,12 @@ from analysis.remeasure import remeasure
 from analysis.report import Report
 from analysis.results import STUDY_FILE, SweepDataError, config_columns, load_sweep, read_state, status_counts
 
+DIAGNOSTICS = {
+    "gate_histograms_over_training": "Gate values per layer over the chosen trial's training",
+    "first_conv_filters": "The chosen model's first conv filters: which went (crossed out)",
+    "prune_steps": "Accuracy, sparsity and latency over the chosen trial's pruning steps",
+    "ratio_curve": "The chosen trial's pruning ratios from one training",
+}
 SUMMARY_COLS = ["trial_id", "accuracy", "param_sparsity", "latency_ms", "latency_remeasured", "latency_speedup",
                 "macs_reduction", "accuracy_dense"]
 
@@ -116,9 +122,13 @@ def analyze(sweep_dir: str | Path, out: str | Path | None = None, *, source: str
         "front_3d": plots.front_3d(df, objectives, out / "front_3d.html", chosen, lat_note),
         "parallel": plots.parallel_coordinates(df, objectives, out / "parallel_coordinates.png"),
         "hypervolume": plots.hypervolume_history(hv_hist, ref, out / "hypervolume.png"),
-        "gates": plots.copy_gate_histogram(chosen.get("output_dir"), out / "chosen_gate_histogram.png"),
+        "gates": plots.copy_trial_image(chosen.get("output_dir"), "gate_histogram.png",
+                                        out / "chosen_gate_histogram.png"),
         "per_class": plots.per_class_accuracy(chosen_metrics, out / "chosen_per_class_accuracy.png"),
+        "leaderboard": plots.leaderboard(df, objectives, out / "leaderboard.png"),
     }
+    for name in DIAGNOSTICS:  # the chosen trial's own diagnostics, when it wrote them
+        files[name] = plots.copy_trial_image(chosen.get("output_dir"), f"{name}.png", out / f"chosen_{name}.png")
     imp_note = ""
     study_db = sweep_dir / STUDY_FILE
     if study_db.is_file():
@@ -213,6 +223,8 @@ def _write_report(out: Path, state: dict, df: pd.DataFrame, front: pd.DataFrame,
              "the pruned one had its closed channels removed and was fine-tuned.", note=True)
     rep.image(files.get("gates"), "Gate values of the chosen trial after training, with its threshold")
     rep.image(files.get("per_class"), "Per-class test accuracy of the chosen model and its dense network")
+    for name, caption in DIAGNOSTICS.items():
+        rep.image(files.get(name), caption)
 
     rep.heading("Pareto front")
     cfg_cols = config_columns(front)
@@ -229,6 +241,8 @@ def _write_report(out: Path, state: dict, df: pd.DataFrame, front: pd.DataFrame,
     if imp_note:
         rep.para(imp_note, note=True)
     rep.image(files.get("hypervolume"), "Hypervolume after each finished trial")
+    rep.image(files.get("leaderboard"), "Pruning methods compared: best accuracy, and the best speed-up and "
+                                        "sparsity within 2 points of it")
 
     rep.heading("All trials")
     others = df[df["status"] != "complete"]

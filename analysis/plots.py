@@ -288,11 +288,53 @@ def per_class_accuracy(metrics: dict, path: Path) -> Path | None:
     return path
 
 
-def copy_gate_histogram(output_dir: str | Path | None, path: Path) -> Path | None:
-    src = Path(output_dir) / "gate_histogram.png" if output_dir else None
+def copy_trial_image(output_dir: str | Path | None, name: str, path: Path) -> Path | None:
+    """Copy one of the chosen trial's own PNG files (gate histogram, filter grid, ...) if it has it."""
+    src = Path(output_dir) / name if output_dir else None
     if src is None or not src.is_file():
         return None
     shutil.copyfile(src, path)
+    return path
+
+
+def leaderboard(df: pd.DataFrame, objectives: Mapping[str, str], path: Path, by: str = "config/prune.method"
+                ) -> Path | None:
+    """Across pruning methods (or another categorical column) of a sweep: each method's best
+    accuracy, and the best speed-up and parameter sparsity among its trials within 2 points of
+    that accuracy. Drawn when the sweep compares at least two methods."""
+    plt = _plt()
+    done = df[df["status"] == "complete"]
+    if by not in done.columns or done[by].nunique() < 2 or "accuracy" not in done.columns:
+        return None
+    rows = []
+    for method, g in done.groupby(by):
+        best = g["accuracy"].max()
+        near = g[g["accuracy"] >= best - 0.02]
+        rows.append({"method": str(method), "accuracy": best, "trials": len(g),
+                     "speedup": near["latency_speedup"].max() if "latency_speedup" in near else np.nan,
+                     "sparsity": near["param_sparsity"].max() if "param_sparsity" in near else np.nan})
+    rows.sort(key=lambda r: -r["accuracy"])
+    fig, axes = plt.subplots(1, 3, figsize=(13, 0.45 * len(rows) + 2.2), dpi=110, sharey=True)
+    y = np.arange(len(rows))
+    for ax, key, lab, scale in ((axes[0], "accuracy", "best top-1 accuracy (%)", 100),
+                                (axes[1], "speedup", "best speed-up within 2 points (×)", 1),
+                                (axes[2], "sparsity", "parameters removed within 2 points (%)", 100)):
+        vals = [r[key] * scale for r in rows]
+        ax.barh(y, vals, color=plt.get_cmap("tab10")(np.arange(len(rows)) % 10))
+        for yi, v in zip(y, vals):
+            if np.isfinite(v):
+                ax.annotate(f"{v:.1f}" if scale == 100 else f"{v:.2f}", (v, yi), va="center", fontsize=7,
+                            xytext=(2, 0), textcoords="offset points")
+        ax.set_xlabel(lab)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(y)
+    axes[0].set_yticklabels([f"{r['method']} ({r['trials']})" for r in rows])
+    axes[0].invert_yaxis()
+    fig.suptitle(f"Leaderboard by {by.replace(CONFIG_PREFIX, '')} (complete trials per method in brackets)",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
     return path
 
 

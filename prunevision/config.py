@@ -96,6 +96,10 @@ class DataConfig:
     # (labels renumbered in the order given); full: it keeps every class of the dataset.
     classes: Optional[tuple[str, ...]] = None
     class_head: Literal["subset", "full"] = "subset"
+    # ImageFolder images larger than this (side, px, after data.image_size) are not decoded into
+    # memory: they stream from disk through a torch DataLoader with `workers` processes.
+    stream_above: int = 64
+    workers: int = 2
 
     def __post_init__(self) -> None:
         if self.classes is not None:
@@ -112,6 +116,8 @@ class DataConfig:
         _check_range("data.batch_size", self.batch_size, low=1)
         _check_range("data.eval_batch_size", self.eval_batch_size, low=1)
         _check_range("data.image_size", self.image_size, low=8, optional=True)
+        _check_range("data.stream_above", self.stream_above, low=8)
+        _check_range("data.workers", self.workers, low=0)
         _check_range("data.num_classes", self.num_classes, low=2)
         _check_range("data.synthetic_train", self.synthetic_train, low=1)
         _check_range("data.synthetic_test", self.synthetic_test, low=1)

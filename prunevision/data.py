@@ -200,6 +200,10 @@ def _load_real(cfg: DataConfig) -> Dataset:
         if found is None:
             raise DatasetError(_missing_message(cfg, root))
     kind, path = found
+    if kind == "imagefolder" and cfg.name != "cifar10":
+        streamed = _maybe_stream(path, cfg)
+        if streamed is not None:
+            return streamed
     key = _cache_key(kind, path, cfg.image_size)
     arrays = _read_cache(cache / "decoded" / key)
     if arrays is None:
@@ -487,6 +491,148 @@ def _channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...
     return tuple(xf.mean(dim=(0, 2, 3)).tolist()), tuple(xf.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist())
 
 
+# --------------------------------------------------------------------------- large images: streamed
+
+
+class ImageFiles:
+    """Images left on disk (ImageNet-sized pictures): paths, their decoded side length and the
+    device batches go to. Indexes like a tensor of images (long or bool index tensors, slices),
+    so subsets and class selection work on it unchanged; :class:`DeviceLoader` turns it into
+    batches through a torch DataLoader with worker processes."""
+
+    def __init__(self, paths: list[str], size: int, workers: int = 2, device: torch.device | str = "cpu"):
+        self.paths, self.size, self.workers = list(paths), int(size), int(workers)
+        self.device = torch.device(device)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (len(self.paths), 3, self.size, self.size)
+
+    def __getitem__(self, idx) -> ImageFiles:
+        if isinstance(idx, slice):
+            sel = self.paths[idx]
+        else:
+            idx = torch.as_tensor(idx).cpu()
+            if idx.dtype == torch.bool:
+                idx = idx.nonzero().flatten()
+            sel = [self.paths[int(i)] for i in idx]
+        return ImageFiles(sel, self.size, self.workers, self.device)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> ImageFiles:
+        return ImageFiles(self.paths, self.size, self.workers, device)
+
+    def cpu(self) -> ImageFiles:
+        return self.to("cpu")
+
+
+class _FileImages(torch.utils.data.Dataset):
+    """Decode one image: random-resized crop and flip for training, resize and centre crop for
+    evaluation; uint8 CHW out (normalised on the device, as for in-memory data)."""
+
+    def __init__(self, paths: list[str], labels: torch.Tensor, size: int, train: bool):
+        from torchvision.transforms import v2
+
+        self.paths, self.labels = paths, labels.cpu()
+        self.tf = (v2.Compose([v2.RandomResizedCrop(size, scale=(0.25, 1.0), antialias=True),
+                               v2.RandomHorizontalFlip()]) if train else
+                   v2.Compose([v2.Resize(int(round(size / 0.875)), antialias=True), v2.CenterCrop(size)]))
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        with Image.open(self.paths[i]) as im:
+            img = self.tf(im.convert("RGB"))
+        return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1), self.labels[i]
+
+
+def _maybe_stream(root: Path, cfg: DataConfig) -> Dataset | None:
+    """An ImageFolder of large images as :class:`ImageFiles` (None when the images are small)."""
+    from PIL import Image
+
+    train_dir = root / "train"
+    test_dir = root / "test" if (root / "test").is_dir() else root / "val"
+    classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
+    if not classes:
+        raise DatasetError(f"{train_dir} holds no class folders")
+
+    def listing(split: Path) -> tuple[list[str], list[int]]:
+        paths, labels = [], []
+        for i, c in enumerate(classes):
+            for p in sorted((split / c).rglob("*")) if (split / c).is_dir() else []:
+                if p.suffix.lower() in _IMAGE_EXT:
+                    paths.append(str(p))
+                    labels.append(i)
+        if not paths:
+            raise DatasetError(f"{split} holds no images in class folders ({', '.join(classes[:5])}, ...)")
+        return paths, labels
+
+    tr_p, tr_l = listing(train_dir)
+    size = cfg.image_size
+    if size is None:
+        try:
+            with Image.open(tr_p[0]) as im:
+                size = min(im.size)
+        except OSError as e:
+            raise DatasetError(f"cannot decode image {tr_p[0]}: {e}") from None
+    if size <= cfg.stream_above:
+        return None
+    te_p, te_l = listing(test_dir)
+    # normalisation statistics from up to 256 evaluation-style crops of training images
+    probe = _FileImages(tr_p[:: max(1, len(tr_p) // 256)][:256], torch.tensor(tr_l), size, train=False)
+    try:
+        sample = torch.stack([probe[i][0] for i in range(len(probe))])
+    except OSError as e:
+        raise DatasetError(f"cannot decode images under {train_dir}: {e}") from None
+    mean, std = _channel_stats(sample)
+    return Dataset(cfg.name, tuple(classes), ImageFiles(tr_p, size, cfg.workers), torch.tensor(tr_l),
+                   ImageFiles(te_p, size, cfg.workers), torch.tensor(te_l), mean, std, source=str(root))
+
+
+class FileLoader:
+    """Batches of streamed images (:class:`ImageFiles`) from a torch DataLoader with workers,
+    normalised on the training device; same interface and batch counts as DeviceLoader."""
+
+    def __init__(self, x: ImageFiles, y: torch.Tensor, batch_size: int, mean, std, *, train: bool,
+                 augment: bool = True, seed: int = 0, channels_last: bool = False,
+                 dtype: torch.dtype = torch.float32, **_ignored):
+        self.x, self.y, self.batch_size = x, y, batch_size
+        self.train, self.augment, self.seed = train, augment and train, seed
+        self.channels_last, self.dtype, self.epoch = channels_last, dtype, 0
+        dev = x.device
+        self.mean = torch.tensor(mean, device=dev, dtype=torch.float32).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(std, device=dev, dtype=torch.float32).view(1, 3, 1, 1) * 255
+
+    def __len__(self) -> int:
+        n = len(self.y)
+        return n // self.batch_size if self.train and n >= self.batch_size else -(-n // self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        ds = _FileImages(self.x.paths, self.y, self.x.size, train=self.augment)
+        sampler = None
+        if self.train:
+            g = torch.Generator().manual_seed(self.seed * 1000 + self.epoch)
+            sampler = torch.utils.data.RandomSampler(ds, generator=g)
+        dev = self.x.device
+        loader = torch.utils.data.DataLoader(
+            ds, batch_size=self.batch_size, sampler=sampler, num_workers=self.x.workers,
+            drop_last=self.train and len(ds) >= self.batch_size, pin_memory=dev.type == "cuda")
+        for xb, yb in loader:
+            xb = xb.to(dev, non_blocking=True).float()
+            xb = ((xb - self.mean) / self.std).to(self.dtype)
+            if self.channels_last:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            yield xb, yb.to(dev, non_blocking=True)
+
+
 # --------------------------------------------------------------------------- batches
 
 
@@ -494,8 +640,14 @@ class DeviceLoader:
     """Batches from uint8 tensors that already live on the training device.
 
     Augmentation (reflect pad-and-crop by ``pad`` pixels, horizontal flip) is done for the
-    whole batch at once on the device. Shuffling is seeded per epoch.
+    whole batch at once on the device. Shuffling is seeded per epoch. Given streamed images
+    (:class:`ImageFiles`) instead of a tensor, it is a :class:`FileLoader`.
     """
+
+    def __new__(cls, x, *args, **kwargs):
+        if isinstance(x, ImageFiles):
+            return FileLoader(x, *args, **kwargs)
+        return super().__new__(cls)
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, mean, std, *, train: bool,
                  augment: bool = True, pad: int = 4, seed: int = 0, channels_last: bool = False,

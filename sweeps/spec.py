@@ -194,8 +194,8 @@ def _parse_dist(key: str, spec: Any, valid_keys: set[str]) -> Dist:
             choices = list(choices)
         if not isinstance(choices, list) or not choices:
             raise SweepError(f"space.{key}: categorical needs a non-empty list of choices")
-        for c in choices:  # every choice must be a valid value of that key
-            _validate_value(key, c, f"space.{key}")
+        for c in choices:  # every choice must be a valid value of that key, with the parameters it brings
+            _validate_value(key, c, f"space.{key}", {k: _example(d) for k, d in conditional.get(c, {}).items()})
         return Dist("categorical", choices=tuple(choices), conditional=conditional)
     low, high = spec.get("low"), spec.get("high")
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)):
@@ -212,9 +212,14 @@ def _parse_dist(key: str, spec: Any, valid_keys: set[str]) -> Dist:
                 step=spec.get("step"))
 
 
-def _validate_value(key: str, value: Any, where: str) -> None:
+def _example(d: Dist) -> Any:
+    """A value the distribution can produce (its first choice, or its low end)."""
+    return d.choices[0] if d.type == "categorical" else d.low
+
+
+def _validate_value(key: str, value: Any, where: str, context: dict[str, Any] | None = None) -> None:
     try:
-        from_dict({}, {key: value})
+        from_dict({}, {**(context or {}), key: value})
     except ConfigError as e:
         raise SweepError(f"{where}: {e}") from None
 

@@ -77,8 +77,10 @@ def sweep_trial(config: dict[str, Any], *, base: dict[str, Any], settings: dict[
     last = metrics["history"][-1] if metrics.get("history") else {}
     final.update({"epoch": cfg.train.epochs, "score": scalar_score(last, weights), FINAL_KEY: 1})
     logger.log_metrics(final, step=cfg.train.epochs + 1)
-    for name in ("metrics.json", "config.yaml", "gate_histogram.png"):
+    for name in ("metrics.json", "config.yaml", "gate_history.json"):
         logger.log_artifact(out / name)
+    for png in sorted(out.glob("*.png")):  # gate histograms, filter grid, pruning steps, ratio curve
+        logger.log_artifact(png, "plots")
     if settings.get("log_models"):
         for name in ("pruned.safetensors", "model.onnx"):
             logger.log_artifact(out / name, "model")

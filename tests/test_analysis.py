@@ -68,7 +68,8 @@ def test_analyze_writes_report_and_logs_to_the_parent_run(sweep, tracking, tmp_p
     assert "report:" in printed and str(out / "report.html") in printed
     for name in ("pareto.csv", "trials.csv", "report.md", "report.html", "front_2d.png", "front_3d.html",
                  "parallel_coordinates.png", "hypervolume.png", "importance.png", "chosen_gate_histogram.png",
-                 "chosen_per_class_accuracy.png"):
+                 "chosen_per_class_accuracy.png", "chosen_first_conv_filters.png",
+                 "chosen_gate_histograms_over_training.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     trials = pd.read_csv(out / "trials.csv", dtype={"trial_id": str})
     front = pd.read_csv(out / "pareto.csv", dtype={"trial_id": str})
@@ -214,3 +215,15 @@ def test_frontier_quality_benchmark_smoke(sweep, tracking, tmp_path):
     res = json.loads(out.read_text())
     assert len(res["baselines"]) == 1 and 0 <= res["dense_accuracy_mean"] <= 1
     assert "dense" in res["latency"] and len(res["rows"]) >= 1
+
+
+def test_leaderboard_by_method(tmp_path):
+    from analysis.plots import leaderboard
+
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame({"trial_id": [f"t{i}" for i in range(9)], "status": ["complete"] * 8 + ["error"],
+                       "config/prune.method": ["gate", "ocap", "lrp"] * 3,
+                       "accuracy": rng.uniform(0.5, 0.9, 9), "param_sparsity": rng.uniform(0, 0.9, 9),
+                       "latency_ms": rng.uniform(0.1, 1, 9), "latency_speedup": rng.uniform(1, 4, 9)})
+    assert leaderboard(df, OBJ, tmp_path / "lb.png").stat().st_size > 5000
+    assert leaderboard(df.assign(**{"config/prune.method": "gate"}), OBJ, tmp_path / "one.png") is None

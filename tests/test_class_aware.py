@@ -173,3 +173,26 @@ def test_gtsrb_through_torchvision_layout(tmp_path):
     assert sub.classes == ("2", "0") and sub.image_size == 32 and len(sub.train_y) == 10
     with pytest.raises(DatasetError, match="no GTSRB train split"):
         load_dataset(DataConfig(name="gtsrb", root=str(tmp_path / "nothing"), download=False))
+
+
+def test_large_imagefolder_images_stream_through_a_dataloader(tmp_path):
+    from conftest import write_imagefolder
+
+    from prunevision.data import DeviceLoader, FileLoader, ImageFiles
+
+    root = write_imagefolder(tmp_path / "big", per_class=6, size=96)
+    ds = load_dataset(DataConfig(name="imagefolder", root=str(root), workers=2, classes=("cat", "frog")))
+    assert isinstance(ds.train_x, ImageFiles) and ds.image_size == 96 and ds.classes == ("cat", "frog")
+    assert len(ds.train_x) == len(ds.train_y) == 12
+    loader = DeviceLoader(ds.train_x, ds.train_y, 5, ds.mean, ds.std, train=True, seed=1)
+    assert isinstance(loader, FileLoader) and len(loader) == 2
+    batches = list(loader)
+    assert [tuple(x.shape) for x, _ in batches] == [(5, 3, 96, 96)] * 2 and batches[0][0].dtype == torch.float32
+    assert abs(float(torch.cat([x for x, _ in batches]).mean())) < 1.0  # normalised
+    small = load_dataset(DataConfig(name="imagefolder", root=str(root), image_size=32))
+    assert isinstance(small.train_x, torch.Tensor) and small.image_size == 32  # small: decoded in memory
+    cfg = from_dict({**SMOKE, "data": {"name": "imagefolder", "root": str(root), "batch_size": 6, "workers": 1,
+                                       "eval_batch_size": 6}}, {"measure.latency": False})
+    m = run_training(cfg, tmp_path / "run", log=None)
+    assert 0 <= m["accuracy"] <= 1 and m["dataset"]["image_size"] == 96
+    assert (tmp_path / "run" / "model.onnx").is_file()

@@ -88,3 +88,22 @@ def test_scalar_score():
     assert scalar_score({"test_accuracy": 0.5, "gates_below_threshold": 0.5}, {"test_accuracy": 1.0,
                                                                                "gates_below_threshold": 0.2}) == 0.6
     assert scalar_score({"test_accuracy": float("nan")}, {"test_accuracy": 1.0}) == 0.0
+
+
+def test_methods_sweep_samples_valid_configs_for_every_method():
+    from pathlib import Path
+
+    from prunevision.config import from_dict
+
+    spec = load_sweep(Path(__file__).resolve().parents[1] / "sweeps" / "configs" / "methods.yaml")
+    study = optuna.create_study(directions=["maximize", "maximize", "minimize"],
+                                sampler=optuna.samplers.RandomSampler(seed=0))
+    methods = set()
+    for _ in range(40):
+        t = study.ask()
+        suggest(t, spec.space)
+        cfg = from_dict(spec.base, t.params)
+        methods.add(cfg.prune.method)
+        assert cfg.prune.method == "gate" or 0.3 <= cfg.prune.target_sparsity <= 0.9
+    assert methods == {"gate", "ocap", "lrp", "l1_structured", "taylor"}
+    assert spec.base_config().data.classes == ("cat", "dog", "truck")

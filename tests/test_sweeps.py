@@ -88,7 +88,10 @@ def test_sweep_records_every_trial_and_retries_from_checkpoint(local_ray):
             assert m in run.data.metrics, m
         assert [h.step for h in c.get_metric_history(run.info.run_id, "test_accuracy")] == [1, 2]
         arts = {a.path for a in c.list_artifacts(run.info.run_id)}
-        assert {"metrics.json", "config.yaml", "gate_histogram.png"} <= arts
+        assert {"metrics.json", "config.yaml", "gate_history.json", "plots"} <= arts
+        plots = {a.path for a in c.list_artifacts(run.info.run_id, "plots")}
+        assert {"plots/gate_histogram.png", "plots/first_conv_filters.png",
+                "plots/gate_histograms_over_training.png"} <= plots
 
 
 def _fit(spec, state):
