@@ -29,22 +29,6 @@ def first_conv(model: nn.Module) -> nn.Conv2d | None:
     return next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
 
 
-def kept_filters(before: torch.Tensor, after: torch.Tensor) -> np.ndarray:
-    """Which of the original filters survive: each kept filter is an unchanged row of the original
-    weight (pruning removes rows, it does not change them)."""
-    b = before.detach().flatten(1).cpu()
-    a = after.detach().flatten(1).cpu()
-    if a.shape[1] != b.shape[1]:  # the input side changed too: compare on the shared prefix
-        return np.ones(len(b), dtype=bool)
-    kept = np.zeros(len(b), dtype=bool)
-    for row in a:
-        hit = (b == row).all(dim=1).nonzero().flatten()
-        free = [int(i) for i in hit if not kept[int(i)]]
-        if free:
-            kept[free[0]] = True
-    return kept
-
-
 def plot_first_conv_filters(weight: torch.Tensor, kept: np.ndarray, path: Path, title: str = "") -> Path:
     """The first conv layer's filters as an image grid; removed ones crossed out and faded."""
     plt = _plt()

@@ -173,6 +173,15 @@ class PruneReport:
     method: str
     removed: dict[str, int] = field(default_factory=dict)  # root layer → channels removed
     kept: dict[str, int] = field(default_factory=dict)
+    # conv layer → indices of its output channels removed (in that step's numbering)
+    removed_idxs: dict[str, list[int]] = field(default_factory=dict)
+
+    def record(self, group, names: dict[int, str]) -> None:
+        """Note which output channels of which conv layers a pruning group removes."""
+        for dep, idxs in group:
+            if isinstance(dep.target.module, nn.Conv2d) and "out_channels" in getattr(dep.handler, "__name__", ""):
+                key = names.get(id(dep.target.module), "")
+                self.removed_idxs.setdefault(key, []).extend(int(i) for i in idxs)
 
     def merge(self, other: PruneReport) -> None:
         for k, v in other.removed.items():
@@ -260,6 +269,7 @@ def prune_by_gates(
         root = group[0].dep.target.module
         pg = DG.get_pruning_group(root, group[0].dep.handler, idxs)
         if DG.check_pruning_group(pg):
+            report.record(pg, names)
             pg.prune()
             report.removed[names.get(id(root), type(root).__name__)] = len(idxs)
             report.kept[names.get(id(root), type(root).__name__)] = keep
@@ -430,6 +440,7 @@ def prune_structured(
     for group in pruner.step(interactive=True):
         root = group[0].dep.target.module
         report.removed[names.get(id(root), type(root).__name__)] = len(group[0].idxs)
+        report.record(group, names)
         group.prune()
     model.zero_grad(set_to_none=True)
     model.train(was_training)

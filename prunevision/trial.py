@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -18,7 +19,6 @@ from prunevision.console import echo
 from prunevision.data import Dataset, DeviceLoader
 from prunevision.diagnostics import (
     first_conv,
-    kept_filters,
     plot_first_conv_filters,
     plot_prune_steps,
     plot_ratio_curve,
@@ -109,6 +109,8 @@ def prune_and_measure(model: nn.Module, data: Dataset, cfg: ExperimentConfig, ou
     pruned = model
     conv0 = first_conv(model)
     w0 = conv0.weight.detach().clone() if conv0 is not None else None
+    name0 = next((n for n, m in model.named_modules() if m is conv0), None)
+    alive = list(range(w0.shape[0])) if w0 is not None else []  # original indices still there
     steps_rec = []
     if p.steps > 1:
         steps_rec.append(_step_record(0, dense, ev_dense["accuracy"], None, size))
@@ -130,6 +132,8 @@ def prune_and_measure(model: nn.Module, data: Dataset, cfg: ExperimentConfig, ou
                          calibration=calibration_batches(data, cfg), skip_first=p.skip_first)
         tm["prune_s"] += clock() - t
         report.merge(rep)
+        gone = set(rep.removed_idxs.get(name0, []))
+        alive = [a for i, a in enumerate(alive) if i not in gone]
         if p.steps > 1:
             t = clock()
             acc = evaluate(pruned, test, data.num_classes)["accuracy"]
@@ -147,8 +151,10 @@ def prune_and_measure(model: nn.Module, data: Dataset, cfg: ExperimentConfig, ou
         strip_gates(pruned, p.threshold)
         keep_zeros(pruned)  # closed weight gates stay zero through fine-tuning
     tm["prune_s"] += clock() - t
-    if w0 is not None and first_conv(pruned) is not None:
-        plot_first_conv_filters(w0, kept_filters(w0, first_conv(pruned).weight), out / "first_conv_filters.png")
+    if w0 is not None:
+        kept = np.zeros(w0.shape[0], dtype=bool)
+        kept[alive] = True
+        plot_first_conv_filters(w0, kept, out / "first_conv_filters.png")
     t = clock()
     acc_before_ft = evaluate(pruned, test, data.num_classes)["accuracy"]
     tm["evaluate_s"] += clock() - t

@@ -126,14 +126,22 @@ def test_several_ratios_from_one_training_and_the_diagnostics(tmp_path):
 
 
 def test_gate_iterative_run_writes_step_metrics_and_filter_grid(tmp_path):
-    from prunevision.diagnostics import kept_filters
-
     cfg = from_dict(SMOKE, {"prune.steps": 2, "gates.lr": 2.0, "gates.lam": 5.0, "train.epochs": 2})
     m = run_training(cfg, tmp_path, log=None)
     assert len(m["prune_steps"]) == 3 and (tmp_path / "prune_steps.png").is_file()
     assert (tmp_path / "first_conv_filters.png").stat().st_size > 5000
-    w = torch.randn(6, 3, 3, 3)
-    assert kept_filters(w, w[[0, 2, 5]]).tolist() == [True, False, True, False, False, True]
+
+
+def test_report_names_the_removed_first_conv_filters():
+    torch.manual_seed(0)
+    model = strip_gates(build_gated_model(ModelConfig(name="small_cnn"), GateConfig(), 4, SIZE)).eval()
+    conv = first_convs(model, 1)[0]
+    w0 = conv.weight.detach().clone()
+    rep = prune_step(model, torch.zeros(1, 3, SIZE, SIZE), "l1_structured", threshold=0.5, ratio=0.5, round_to=None)
+    gone = sorted(rep.removed_idxs["features.0"])
+    assert len(gone) == w0.shape[0] - conv.out_channels > 0
+    kept = [i for i in range(w0.shape[0]) if i not in gone]
+    torch.testing.assert_close(conv.weight.detach(), w0[kept])  # the survivors, in order
 
 
 def write_gtsrb(root, classes=(0, 1, 2), per_class=5, sizes=((30, 34), (41, 37))):
