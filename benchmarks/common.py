@@ -39,8 +39,9 @@ def commit() -> str:
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                              timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":!benchmarks/results", ":!benchmarks/RESULTS.md"],  # our own outputs
+                               cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
         return (sha + ("+uncommitted changes" if dirty else "")) or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
