@@ -594,13 +594,12 @@ def _maybe_stream(root: Path, cfg: DataConfig) -> Dataset | None:
                    ImageFiles(te_p, size, cfg.workers), torch.tensor(te_l), mean, std, source=str(root))
 
 
-class FileLoader:
-    """Batches of streamed images (:class:`ImageFiles`) from a torch DataLoader with workers,
-    normalised on the training device; same interface and batch counts as DeviceLoader."""
+class _Batches:
+    """What both loaders share: batch counts (training drops the last partial batch), the epoch
+    that seeds shuffling, and normalisation on the device."""
 
-    def __init__(self, x: ImageFiles, y: torch.Tensor, batch_size: int, mean, std, *, train: bool,
-                 augment: bool = True, seed: int = 0, channels_last: bool = False,
-                 dtype: torch.dtype = torch.float32, **_ignored):
+    def __init__(self, x, y: torch.Tensor, batch_size: int, mean, std, *, train: bool, augment: bool = True,
+                 seed: int = 0, channels_last: bool = False, dtype: torch.dtype = torch.float32):
         self.x, self.y, self.batch_size = x, y, batch_size
         self.train, self.augment, self.seed = train, augment and train, seed
         self.channels_last, self.dtype, self.epoch = channels_last, dtype, 0
@@ -614,6 +613,11 @@ class FileLoader:
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+
+class FileLoader(_Batches):
+    """Batches of streamed images (:class:`ImageFiles`) from a torch DataLoader with workers,
+    normalised on the training device; same interface and batch counts as DeviceLoader."""
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         ds = _FileImages(self.x.paths, self.y, self.x.size, train=self.augment)
@@ -636,7 +640,7 @@ class FileLoader:
 # --------------------------------------------------------------------------- batches
 
 
-class DeviceLoader:
+class DeviceLoader(_Batches):
     """Batches from uint8 tensors that already live on the training device.
 
     Augmentation (reflect pad-and-crop by ``pad`` pixels, horizontal flip) is done for the
@@ -646,29 +650,16 @@ class DeviceLoader:
 
     def __new__(cls, x, *args, **kwargs):
         if isinstance(x, ImageFiles):
+            kwargs.pop("pad", None)
             return FileLoader(x, *args, **kwargs)
         return super().__new__(cls)
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, mean, std, *, train: bool,
                  augment: bool = True, pad: int = 4, seed: int = 0, channels_last: bool = False,
                  dtype: torch.dtype = torch.float32):
-        self.x, self.y = x, y
-        self.batch_size = batch_size
-        self.train, self.augment, self.pad = train, augment and train, pad
-        self.seed = seed
-        self.channels_last = channels_last
-        self.dtype = dtype
-        dev = x.device
-        self.mean = torch.tensor(mean, device=dev, dtype=torch.float32).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(std, device=dev, dtype=torch.float32).view(1, 3, 1, 1) * 255
-        self.epoch = 0
-
-    def __len__(self) -> int:
-        n = len(self.y)
-        return n // self.batch_size if self.train and n >= self.batch_size else -(-n // self.batch_size)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        super().__init__(x, y, batch_size, mean, std, train=train, augment=augment, seed=seed,
+                         channels_last=channels_last, dtype=dtype)
+        self.pad = pad
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.y)

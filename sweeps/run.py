@@ -160,13 +160,12 @@ def run_sweep(spec: SweepSpec, storage: str | Path, address: str | None = None,
 
 
 def load_state(sweep_dir: str | Path) -> dict[str, Any]:
-    p = Path(sweep_dir) / STATE_FILE
-    if not p.is_file():
-        raise SweepError(f"{sweep_dir} is not a prunevision sweep folder (no {STATE_FILE})")
+    from analysis.results import SweepDataError, read_state
+
     try:
-        return json.loads(p.read_text())
-    except ValueError:
-        raise SweepError(f"{p} is damaged (not JSON)") from None
+        return read_state(sweep_dir)
+    except SweepDataError as e:
+        raise SweepError(str(e)) from None
 
 
 def resume_sweep(sweep_dir: str | Path, address: str | None = None, num_cpus: int | None = None) -> dict[str, Any]:
