@@ -125,7 +125,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class GateConfig:
-    lam: float = 1.0  # λ, the penalty weight
+    lam: float = 1.0  # λ, the penalty weight (0 whenever prune.method is not gate)
     penalty: PenaltyMode = "mean"
     schedule: Schedule = "constant"
     warmup_epochs: float = 0.0  # linear: ramp length; staged and cubic: penalty-free epochs
@@ -312,7 +312,12 @@ def from_dict(data: dict[str, Any], overrides: dict[str, Any] | None = None) -> 
     merged = _deep_copy(data)
     for dotted, value in (overrides or {}).items():
         _set_dotted(merged, dotted, value)
-    return _build(ExperimentConfig, merged, prefix="")
+    cfg = _build(ExperimentConfig, merged, prefix="")
+    if cfg.prune.method != "gate" and cfg.gates.lam != 0:
+        # Baselines prune the plainly trained network: the gate penalty exists for gate pruning,
+        # and under it a baseline would start from a network already squeezed by the gates.
+        cfg = dataclasses.replace(cfg, gates=dataclasses.replace(cfg.gates, lam=0.0))
+    return cfg
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

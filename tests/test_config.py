@@ -72,3 +72,11 @@ def test_cli_rejects_bad_config_before_any_work(tmp_path, capsys):
     assert rc != 0
     assert err.strip().count("\n") == 0 and "gates.lam" in err
     assert not out.exists()  # nothing was started
+
+
+def test_baseline_methods_train_without_the_gate_penalty():
+    from prunevision.config import from_dict
+
+    cfg = from_dict({"gates": {"lam": 3.0}}, {"prune.method": "taylor", "prune.target_sparsity": 0.5})
+    assert cfg.gates.lam == 0.0
+    assert from_dict({"gates": {"lam": 3.0}}).gates.lam == 3.0  # gate pruning keeps its λ
