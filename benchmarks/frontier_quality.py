@@ -60,7 +60,8 @@ def main() -> int:
     baselines = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in seeds:
-            cfg = base.replace(**{"seed": seed, "gates.lam": 0.0, "train.epochs": budget, "prune.threshold": 1e-6,
+            cfg = base.replace(**{"seed": seed, "gates.lam": 0.0, "train.epochs": budget, "prune.method": "gate",
+                                  "prune.threshold": 1e-6, "prune.steps": 1, "prune.ratios": None,
                                   "prune.finetune_epochs": 0, "measure.latency": False})
             t0 = time.perf_counter()
             m = run_training(cfg, Path(tmp) / f"dense{seed}", log=None)
