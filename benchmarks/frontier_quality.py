@@ -26,6 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import RESULTS_MD, append_results, machine, md_table  # noqa: E402
 
 
+def _count(v: float | None) -> str:
+    return "all" if v is None else f"{v:g}"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("sweep_dir")
@@ -98,8 +102,9 @@ def main() -> int:
         counts = done["status"].value_counts().to_dict()
         accs = ", ".join(f"{100 * b['accuracy']:.2f} %" for b in baselines)
         body = (f"Sweep `{Path(args.sweep_dir).name}` ({sum(counts.values())} complete trials; base: "
-                f"{base.model.name}, {base.data.name} — CIFAR-10, JPEG copy — subset {base.data.subset} train / "
-                f"{base.data.test_subset} test, {base.train.epochs} training + {base.prune.finetune_epochs} "
+                f"{base.model.name}, {base.data.name} — CIFAR-10, JPEG copy — subset "
+                f"{_count(base.data.subset)} train / "
+                f"{_count(base.data.test_subset)} test, {base.train.epochs} training + {base.prune.finetune_epochs} "
                 f"fine-tuning epochs). Dense baseline: the same config with λ = 0 and nothing pruned, trained "
                 f"{budget} epochs (the same budget), seeds {args.seeds}: accuracies "
                 f"{accs} (mean {100 * dense_acc:.2f} %). "
