@@ -196,7 +196,9 @@ def print_summary(metrics: dict, out: Path) -> None:
         line += f", ONNX Runtime CPU batch-1 speed-up {metrics['latency_speedup']:.2f}x"
     print(line)
     files = [f for f in ("metrics.json", "model.onnx", "dense.onnx", "pruned.safetensors", "checkpoint.pt",
-                         "config.yaml", "gate_histogram.png") if (out / f).exists()]
+                         "config.yaml", "gate_histogram.png", "gate_histograms_over_training.png",
+                         "first_conv_filters.png", "prune_steps.png", "ratio_curve.png", "ratios")
+             if (out / f).exists()]
     print(f"results in {out}/: {', '.join(files)}")
 
 
