@@ -20,13 +20,19 @@ STATE_FILE = "prunevision_sweep.json"
 STUDY_FILE = "optuna.db"
 
 
-def make_sampler(name: str, seed: int):
+def nsga2_population(num_samples: int, population: int | None = None) -> int:
+    """NSGA-II's population: as given, else a quarter of the trials (at least 4, at most Optuna's
+    default 50) — with the default 50, a sweep of fewer than 50 trials is one random generation."""
+    return population if population else max(4, min(50, num_samples // 4))
+
+
+def make_sampler(name: str, seed: int, num_samples: int = 50, population: int | None = None):
     import optuna
 
     if name == "tpe":
         return optuna.samplers.TPESampler(seed=seed)
     if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed)
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=nsga2_population(num_samples, population))
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     raise SweepError(f"search.sampler: unknown sampler {name!r}")
@@ -76,7 +82,8 @@ def prepare(spec: SweepSpec, storage: str | Path) -> dict[str, Any]:
         "settings": {"tracking_uri": uri, "experiment_id": exp_id, "parent_run_id": parent, "score": spec.score,
                      "log_models": bool(spec.mlflow.get("log_models", False))},
         "run": {"num_samples": spec.num_samples, "max_concurrent": spec.max_concurrent, "sampler": spec.sampler,
-                "seed": spec.seed, "resources": spec.resources, "max_failures": spec.max_failures,
+                "seed": spec.seed, "population_size": spec.population_size, "resources": spec.resources,
+                "max_failures": spec.max_failures,
                 "scheduler": spec.scheduler, "objectives": spec.objectives},
     }
     (sweep_dir / STATE_FILE).write_text(json.dumps(state, indent=2))
@@ -111,7 +118,7 @@ def build_tuner(spec: SweepSpec, state: dict[str, Any]):
         space=DefineByRun(spec.space),
         metric=list(run["objectives"]), mode=list(run["objectives"].values()),
         points_to_evaluate=spec.points_to_evaluate or None,
-        sampler=make_sampler(run["sampler"], run["seed"]),
+        sampler=make_sampler(run["sampler"], run["seed"], run["num_samples"], run.get("population_size")),
         storage=storage, study_name=spec.name,
     )
     search = ConcurrencyLimiter(searcher, max_concurrent=run["max_concurrent"])

@@ -68,6 +68,7 @@ class SweepSpec:
     seed: int = 0
     num_samples: int = 8
     max_concurrent: int = 1
+    population_size: int | None = None  # NSGA-II; None: a quarter of num_samples, at least 4
     resources: dict[str, float] = field(default_factory=lambda: {"cpu": 1, "gpu": 0})
     scheduler: dict[str, Any] | None = None
     mlflow: dict[str, Any] = field(default_factory=dict)
@@ -113,13 +114,18 @@ def parse_sweep(raw: dict[str, Any], overrides: dict[str, Any] | None = None, de
             search[sub] = v
         else:
             raw = dict(raw, resources=dict(raw.get("resources") or {}, **{sub: v}))
-    _only(search, ("sampler", "seed", "num_samples", "max_concurrent"), "search")
+    _only(search, ("sampler", "seed", "num_samples", "max_concurrent", "population_size"), "search")
     sampler = search.get("sampler", "tpe")
     if sampler not in SAMPLERS:
         raise SweepError(f"search.sampler: unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
     num_samples = _int("search.num_samples", search.get("num_samples", 8), 1)
     max_conc = _int("search.max_concurrent", search.get("max_concurrent", 1), 1)
     seed = _int("search.seed", search.get("seed", 0), 0)
+    population = search.get("population_size")
+    if population is not None:
+        population = _int("search.population_size", population, 2)
+        if sampler != "nsga2":
+            raise SweepError("search.population_size: only for sampler nsga2")
     objectives = raw.get("objectives") or {"accuracy": "max", "param_sparsity": "max", "latency_ms": "min"}
     if not isinstance(objectives, dict) or not objectives:
         raise SweepError("objectives: a mapping of metric → max|min")
@@ -158,7 +164,8 @@ def parse_sweep(raw: dict[str, Any], overrides: dict[str, Any] | None = None, de
         raise SweepError(f"name: {name!r} may hold letters, digits, - and _ only")
     return SweepSpec(
         name=name, base=base.to_dict(), space=space, points_to_evaluate=points, objectives=dict(objectives),
-        sampler=sampler, seed=seed, num_samples=num_samples, max_concurrent=max_conc, resources=resources,
+        sampler=sampler, seed=seed, num_samples=num_samples, max_concurrent=max_conc, population_size=population,
+        resources=resources,
         scheduler=scheduler, mlflow=mlflow_cfg, max_failures=_int("failure.max_failures",
                                                                   failure.get("max_failures", 1), 0),
         score=dict(score), source=raw,

@@ -107,3 +107,18 @@ def test_methods_sweep_samples_valid_configs_for_every_method():
         assert cfg.prune.method == "gate" or 0.3 <= cfg.prune.target_sparsity <= 0.9
     assert methods == {"gate", "ocap", "lrp", "l1_structured", "taylor"}
     assert spec.base_config().data.classes == ("cat", "dog", "truck")
+
+
+def test_nsga2_population_size():
+    from sweeps.run import make_sampler
+
+    base = {"name": "p", "base": {}, "space": {"gates.lam": {"type": "loguniform", "low": 0.1, "high": 10}}}
+    spec = parse_sweep({**base, "search": {"sampler": "nsga2", "num_samples": 24, "population_size": 6}})
+    assert spec.population_size == 6
+    assert make_sampler("nsga2", 0, 24, spec.population_size)._population_size == 6
+    assert make_sampler("nsga2", 0, 24)._population_size == 6  # a quarter of the trials by default
+    assert make_sampler("nsga2", 0, 400)._population_size == 50
+    with pytest.raises(SweepError, match="only for sampler nsga2"):
+        parse_sweep({**base, "search": {"sampler": "tpe", "population_size": 6}})
+    with pytest.raises(SweepError, match="population_size"):
+        parse_sweep({**base, "search": {"sampler": "nsga2", "population_size": 1}})
