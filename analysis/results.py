@@ -25,11 +25,10 @@ from typing import Any
 
 import pandas as pd
 
-STATE_FILE = "prunevision_sweep.json"
-STUDY_FILE = "optuna.db"
+from sweeps.run import FINAL_KEY, STATE_FILE, STUDY_FILE, last_result  # the sweep folder's format
+
 STATUSES = ("complete", "stopped", "error", "running", "pending")
 CONFIG_PREFIX = "config/"
-FINAL_KEY = "trial_final"
 # Ray's bookkeeping in every result: not metrics of the trial
 _RAY_KEYS = {"timestamp", "checkpoint_dir_name", "done", "training_iteration", "trial_id", "date", "time_this_iter_s",
              "time_total_s", "pid", "hostname", "node_ip", "config", "time_since_restore", "iterations_since_restore",
@@ -49,19 +48,6 @@ def read_state(sweep_dir: str | Path) -> dict[str, Any]:
         return json.loads(p.read_text())
     except ValueError:
         raise SweepDataError(f"{p} is damaged (not JSON)") from None
-
-
-def _last_json_line(path: Path) -> dict[str, Any]:
-    last: dict[str, Any] = {}
-    if not path.is_file():
-        return last
-    for line in path.read_text().splitlines():
-        if line.strip():
-            try:
-                last = json.loads(line)
-            except ValueError:  # a line cut short by a killed trial
-                continue
-    return last
 
 
 def _ray_statuses(sweep_dir: Path) -> dict[str, dict[str, Any]]:
@@ -114,7 +100,7 @@ def load_ray(sweep_dir: str | Path) -> pd.DataFrame:
             params = json.loads(params_file.read_text())
         except ValueError:
             params = {}
-        last = _last_json_line(tdir / "result.json")
+        last = last_result(tdir / "result.json")
         tid = last.get("trial_id") or next((k for k, v in statuses.items() if v.get("logdir") == tdir.name), None)
         ray_status = (statuses.get(tid) or {}).get("status")
         if last.get(FINAL_KEY):

@@ -18,6 +18,23 @@ from sweeps.tracking import check_reachable, client, experiment_id, git_commit, 
 
 STATE_FILE = "prunevision_sweep.json"
 STUDY_FILE = "optuna.db"
+FINAL_KEY = "trial_final"  # marks a trial's last result: pruned, measured and exported
+
+
+def last_result(path: str | Path) -> dict[str, Any]:
+    """The last complete JSON line of a Ray ``result.json`` (a line cut short by a killed trial is
+    skipped; no file: empty)."""
+    last: dict[str, Any] = {}
+    path = Path(path)
+    if not path.is_file():
+        return last
+    for line in path.read_text().splitlines():
+        if line.strip():
+            try:
+                last = json.loads(line)
+            except ValueError:
+                continue
+    return last
 
 
 def nsga2_population(num_samples: int, population: int | None = None) -> int:
@@ -217,10 +234,9 @@ def sweep_status(sweep_dir: str | Path) -> dict[str, Any]:
         study_trials = len(study.trials)
     trials = []
     for result_file in sorted(d.glob("*/result.json")):
-        lines = [ln for ln in result_file.read_text().splitlines() if ln.strip()]
-        last = json.loads(lines[-1]) if lines else {}
+        last = last_result(result_file)
         trials.append({"trial_dir": str(result_file.parent), "trial_id": last.get("trial_id"),
-                       "final": bool(last.get("trial_final")), "epoch": last.get("epoch"),
+                       "final": bool(last.get(FINAL_KEY)), "epoch": last.get("epoch"),
                        **{k: last.get(k) for k in state["run"]["objectives"]}})
     return {"sweep_dir": str(d), "name": state["name"], "study": str(d / STUDY_FILE), "study_trials": study_trials,
             "states": counts, "trials": trials, "tracking_uri": state["settings"]["tracking_uri"],

@@ -6,8 +6,8 @@ from typing import Any
 
 from ray.tune.search.optuna import OptunaSearch
 
+from sweeps.run import FINAL_KEY
 from sweeps.spec import Dist, suggest
-from sweeps.trainable import FINAL_KEY
 
 
 class DefineByRun:

@@ -21,10 +21,10 @@ from ray import tune
 
 from prunevision.config import from_dict
 from prunevision.pipeline import run_training
+from sweeps.run import FINAL_KEY
 from sweeps.spec import scalar_score
 from sweeps.tracking import TrialLogger
 
-FINAL_KEY = "trial_final"
 # metrics reported at the end (besides the objectives): what the analysis step reads
 FINAL_METRICS = ("accuracy", "accuracy_dense", "accuracy_before_finetune", "params", "params_dense", "macs",
                  "macs_dense", "param_sparsity", "macs_reduction", "gate_sparsity", "zero_fraction", "size_bytes",
