@@ -29,7 +29,7 @@ from analysis.pareto import (
     within_bounds,
 )
 from analysis.remeasure import remeasure
-from analysis.report import Report
+from analysis.report import Report, plain
 from analysis.results import STUDY_FILE, SweepDataError, config_columns, load_sweep, read_state, status_counts
 
 DIAGNOSTICS = {
@@ -144,7 +144,7 @@ def analyze(sweep_dir: str | Path, out: str | Path | None = None, *, source: str
         "latency_target": f"{target} batch {batch}, {threads} thread(s)" if remeasured else "trial measurements",
         "chosen": {"trial_id": chosen["trial_id"], "select": select, "bounds": {k: list(v) for k, v in
                                                                                (bounds or {}).items()},
-                   **{k: _num(chosen.get(k)) for k in SUMMARY_COLS[1:]}},
+                   **{k: plain(chosen.get(k)) for k in SUMMARY_COLS[1:]}},
         "files": {k: str(v) for k, v in files.items() if v},
     }
     md, page = _write_report(out, state, df, front, chosen, chosen_metrics, summary, files, reproduce, imp_note,
@@ -156,14 +156,6 @@ def analyze(sweep_dir: str | Path, out: str | Path | None = None, *, source: str
     if log_to_mlflow:
         _log_to_parent(settings, out, summary)
     return summary
-
-
-def _num(v: Any) -> Any:
-    if isinstance(v, (np.floating, np.integer)):
-        return v.item()
-    if isinstance(v, np.bool_):
-        return bool(v)
-    return v
 
 
 def _counts_text(counts: Mapping[str, int]) -> str:

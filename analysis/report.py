@@ -7,6 +7,7 @@ import html
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from analysis.results import CONFIG_PREFIX
@@ -113,7 +114,12 @@ class Report:
         return md, h
 
 
+def plain(v: Any) -> Any:
+    """A numpy scalar as the Python value it holds (JSON-ready); anything else as it is."""
+    return v.item() if isinstance(v, np.generic) else v
+
+
 def config_of(row: pd.Series) -> dict[str, Any]:
     """The sampled parameters of a trial row, as plain Python values."""
-    return {c[len(CONFIG_PREFIX):]: (row[c].item() if hasattr(row[c], "item") else row[c])
+    return {c[len(CONFIG_PREFIX):]: plain(row[c])
             for c in row.index if c.startswith(CONFIG_PREFIX) and pd.notna(row[c])}

@@ -463,7 +463,6 @@ def _decode_files(samples: list[tuple], image_size: int | None, where: str = "th
         raise DatasetError(f"{where} holds no images")
     files = [Path(p) for p, _ in samples]
     labels = [int(c) for _, c in samples]
-    split = where
 
     def decode(p: Path) -> np.ndarray:
         try:
@@ -480,7 +479,7 @@ def _decode_files(samples: list[tuple], image_size: int | None, where: str = "th
     shapes = {im.shape for im in imgs}
     if len(shapes) > 1:
         raise DatasetError(
-            f"images in {split} have different sizes ({len(shapes)} distinct); set data.image_size to resize them"
+            f"images in {where} have different sizes ({len(shapes)} distinct); set data.image_size to resize them"
         )
     x = np.stack(imgs).transpose(0, 3, 1, 2).copy()
     return x, np.asarray(labels, dtype=np.int64)

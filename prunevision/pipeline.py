@@ -60,7 +60,7 @@ def run_training(
     t_data = time.perf_counter() - t_load
     if log:
         log(f"data: {data.name} from {data.source}: {len(data.train_y)} train / {len(data.test_y)} test images, "
-            f"{data.num_classes} classes, {data.image_size}px (ready in {time.perf_counter() - t_load:.1f}s)")
+            f"{data.num_classes} classes, {data.image_size}px (ready in {t_data:.1f}s)")
     t_model = time.perf_counter()
     model = build_gated_model(cfg.model, cfg.gates, data.num_classes, data.image_size,
                               pretrained=False if ckpt is not None else None)

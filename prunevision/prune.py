@@ -168,6 +168,11 @@ class GateImportance(tp.importance.GroupMagnitudeImportance):
 # --------------------------------------------------------------------------- pruning
 
 
+def _removes_out_channels(dep) -> bool:
+    """Whether a DepGraph dependency removes its layer's output channels (not its inputs)."""
+    return "out_channels" in getattr(dep.handler, "__name__", "")
+
+
 @dataclass
 class PruneReport:
     method: str
@@ -179,7 +184,7 @@ class PruneReport:
     def record(self, group, names: dict[int, str]) -> None:
         """Note which output channels of which conv layers a pruning group removes."""
         for dep, idxs in group:
-            if isinstance(dep.target.module, nn.Conv2d) and "out_channels" in getattr(dep.handler, "__name__", ""):
+            if isinstance(dep.target.module, nn.Conv2d) and _removes_out_channels(dep):
                 key = names.get(id(dep.target.module), "")
                 self.removed_idxs.setdefault(key, []).extend(int(i) for i in idxs)
 
@@ -243,8 +248,7 @@ def prune_by_gates(
     ignored = ([head] if head is not None else []) + list(skip or [])
     skip_ids = {m for m in skip or []}
     for group in DG.get_all_groups(ignored_layers=ignored, root_module_types=(nn.Conv2d, nn.Linear)):
-        if skip and any(dep.target.module in skip_ids and "out_channels" in getattr(dep.handler, "__name__", "")
-                        for dep, _ in group):
+        if skip and any(dep.target.module in skip_ids and _removes_out_channels(dep) for dep, _ in group):
             continue  # a skipped layer's channels stay, and so do those coupled to them
         imp = importance(group)
         if imp is None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -67,10 +68,22 @@ def calibration_batches(data: Dataset, cfg: ExperimentConfig):
     return lambda: [b for _, b in zip(range(cfg.prune.calibration_batches), loader)]
 
 
+@contextmanager
+def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
+    """Add the time the block takes to ``timings[key]``."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[key] += time.perf_counter() - t0
+
+
 def prune_at_ratios(model: nn.Module, data: Dataset, cfg: ExperimentConfig, out: Path,
                     log: Callable[[str], None] | None) -> list[dict[str, Any]]:
     """Each of prune.ratios from a copy of the one trained model: its own pruned model, ONNX files
     and metrics in ``out/ratios/rNN/``; one summary row per ratio."""
+    from prunevision.pipeline import write_json  # pipeline imports this module
+
     rows = []
     for r in cfg.prune.ratios or ():
         sub = cfg.replace(**{"prune.target_sparsity": r, "prune.ratios": None})
@@ -79,8 +92,6 @@ def prune_at_ratios(model: nn.Module, data: Dataset, cfg: ExperimentConfig, out:
         if log:
             log(f"ratio {r:g}: pruning a copy of the trained model ({cfg.prune.method})")
         m = prune_and_measure(copy.deepcopy(model), data, sub, d, log=log)
-        from prunevision.pipeline import write_json
-
         write_json(d / "metrics.json", m)
         rows.append({"ratio": r, "dir": str(d), **{k: m[k] for k in (
             "accuracy", "accuracy_before_finetune", "accuracy_dense", "param_sparsity", "macs_reduction",
@@ -94,7 +105,6 @@ def prune_and_measure(model: nn.Module, data: Dataset, cfg: ExperimentConfig, ou
     p, m_cfg = cfg.prune, cfg.measure
     size = data.image_size
     tm = {"prune_s": 0.0, "finetune_s": 0.0, "evaluate_s": 0.0, "measure_s": 0.0, "export_s": 0.0}
-    clock = time.perf_counter
     dev = data.train_x.device
     test = DeviceLoader(data.test_x, data.test_y, cfg.data.eval_batch_size, data.mean, data.std, train=False)
     model = model.to(memory_format=torch.contiguous_format)
@@ -102,9 +112,8 @@ def prune_and_measure(model: nn.Module, data: Dataset, cfg: ExperimentConfig, ou
     g_sparsity = gate_sparsity(model, p.threshold)
 
     dense = strip_gates(copy.deepcopy(model))  # the trained network, gates folded in, nothing removed
-    t = clock()
-    ev_dense = evaluate(dense, test, data.num_classes)
-    tm["evaluate_s"] += clock() - t
+    with _timed(tm, "evaluate_s"):
+        ev_dense = evaluate(dense, test, data.num_classes)
 
     pruned = model
     conv0 = first_conv(model)
@@ -122,112 +131,101 @@ def prune_and_measure(model: nn.Module, data: Dataset, cfg: ExperimentConfig, ou
         strip_gates(pruned)
     for step in range(p.steps):
         if p.method == "gate" and step > 0 and p.finetune_epochs > 0:
-            t = clock()
-            history += finetune(pruned, data, cfg, p.finetune_epochs, penalty=True, phase=f"gate-step{step + 1}",
-                                log=log)
-            tm["finetune_s"] += clock() - t
-        t = clock()
-        rep = prune_step(pruned, example, p.method, threshold=p.threshold, ratio=ratio, round_to=p.round_to,
-                         min_channels=p.min_channels, max_layer_sparsity=p.max_layer_sparsity,
-                         calibration=calibration_batches(data, cfg), skip_first=p.skip_first)
-        tm["prune_s"] += clock() - t
+            with _timed(tm, "finetune_s"):
+                history += finetune(pruned, data, cfg, p.finetune_epochs, penalty=True,
+                                    phase=f"gate-step{step + 1}", log=log)
+        with _timed(tm, "prune_s"):
+            rep = prune_step(pruned, example, p.method, threshold=p.threshold, ratio=ratio, round_to=p.round_to,
+                             min_channels=p.min_channels, max_layer_sparsity=p.max_layer_sparsity,
+                             calibration=calibration_batches(data, cfg), skip_first=p.skip_first)
         report.merge(rep)
         gone = set(rep.removed_idxs.get(name0, []))
         alive = [a for i, a in enumerate(alive) if i not in gone]
         if p.steps > 1:
-            t = clock()
-            acc = evaluate(pruned, test, data.num_classes)["accuracy"]
-            steps_rec.append(_step_record(step + 1, pruned, acc, steps_rec[0]["params"], size))
-            tm["evaluate_s"] += clock() - t
+            with _timed(tm, "evaluate_s"):
+                acc = evaluate(pruned, test, data.num_classes)["accuracy"]
+                steps_rec.append(_step_record(step + 1, pruned, acc, steps_rec[0]["params"], size))
         if log:
             log(f"prune step {step + 1}/{p.steps} ({p.method}): {rep.channels_removed} channels/weights removed")
         if p.method != "gate" and step < p.steps - 1 and p.finetune_epochs > 0:
-            t = clock()
-            history += finetune(pruned, data, cfg, p.finetune_epochs, penalty=False, phase=f"finetune-step{step + 1}",
-                                log=log)
-            tm["finetune_s"] += clock() - t
-    t = clock()
+            with _timed(tm, "finetune_s"):
+                history += finetune(pruned, data, cfg, p.finetune_epochs, penalty=False,
+                                    phase=f"finetune-step{step + 1}", log=log)
     if p.method == "gate":
-        strip_gates(pruned, p.threshold)
-        keep_zeros(pruned)  # closed weight gates stay zero through fine-tuning
-    tm["prune_s"] += clock() - t
+        with _timed(tm, "prune_s"):
+            strip_gates(pruned, p.threshold)
+            keep_zeros(pruned)  # closed weight gates stay zero through fine-tuning
     if w0 is not None:
         kept = np.zeros(w0.shape[0], dtype=bool)
         kept[alive] = True
         plot_first_conv_filters(w0, kept, out / "first_conv_filters.png")
-    t = clock()
-    acc_before_ft = evaluate(pruned, test, data.num_classes)["accuracy"]
-    tm["evaluate_s"] += clock() - t
+    with _timed(tm, "evaluate_s"):
+        acc_before_ft = evaluate(pruned, test, data.num_classes)["accuracy"]
     if p.finetune_epochs > 0:
-        t = clock()
-        history += finetune(pruned, data, cfg, p.finetune_epochs, penalty=False, phase="finetune", log=log)
-        tm["finetune_s"] += clock() - t
+        with _timed(tm, "finetune_s"):
+            history += finetune(pruned, data, cfg, p.finetune_epochs, penalty=False, phase="finetune", log=log)
     remove_masks(pruned)
-    t = clock()
-    ev = evaluate(pruned, test, data.num_classes)
-    tm["evaluate_s"] += clock() - t
+    with _timed(tm, "evaluate_s"):
+        ev = evaluate(pruned, test, data.num_classes)
 
     dense, pruned = dense.cpu().eval(), pruned.cpu().eval()
-    t = clock()
-    macs_d, params_d = macs_and_params(dense, size)
-    macs_p, params_p = macs_and_params(pruned, size)
-    size_d, gz_d = size_on_disk(dense)
-    size_p, gz_p = size_on_disk(pruned)
-    save_pruned(pruned, out / "pruned.safetensors", cfg.model, data.num_classes, size,
-                extra={"method": p.method, "mean": list(data.mean), "std": list(data.std),
-                       "classes": list(data.classes), "accuracy": ev["accuracy"]})
-    metrics: dict[str, Any] = {
-        "method": p.method,
-        "accuracy": ev["accuracy"],
-        "accuracy_dense": ev_dense["accuracy"],
-        "accuracy_before_finetune": acc_before_ft,
-        "per_class_accuracy": data.per_class(ev["per_class_accuracy"]),
-        "per_class_accuracy_dense": data.per_class(ev_dense["per_class_accuracy"]),
-        "params": params_p, "params_dense": params_d,
-        "macs": macs_p, "macs_dense": macs_d,
-        "param_sparsity": 1.0 - params_p / params_d,
-        "macs_reduction": macs_d / max(macs_p, 1),
-        "gate_sparsity": g_sparsity,
-        "zero_fraction": zero_fraction(pruned),
-        "size_bytes": size_p, "size_gzip_bytes": gz_p,
-        "size_bytes_dense": size_d, "size_gzip_bytes_dense": gz_d,
-        "channels_removed": report.removed,
-        "prune_history": history,
-        "input": {"size": size, "mean": list(data.mean), "std": list(data.std), "layout": "NCHW float32"},
-    }
-    tm["measure_s"] += clock() - t
+    with _timed(tm, "measure_s"):
+        macs_d, params_d = macs_and_params(dense, size)
+        macs_p, params_p = macs_and_params(pruned, size)
+        size_d, gz_d = size_on_disk(dense)
+        size_p, gz_p = size_on_disk(pruned)
+        save_pruned(pruned, out / "pruned.safetensors", cfg.model, data.num_classes, size,
+                    extra={"method": p.method, "mean": list(data.mean), "std": list(data.std),
+                           "classes": list(data.classes), "accuracy": ev["accuracy"]})
+        metrics: dict[str, Any] = {
+            "method": p.method,
+            "accuracy": ev["accuracy"],
+            "accuracy_dense": ev_dense["accuracy"],
+            "accuracy_before_finetune": acc_before_ft,
+            "per_class_accuracy": data.per_class(ev["per_class_accuracy"]),
+            "per_class_accuracy_dense": data.per_class(ev_dense["per_class_accuracy"]),
+            "params": params_p, "params_dense": params_d,
+            "macs": macs_p, "macs_dense": macs_d,
+            "param_sparsity": 1.0 - params_p / params_d,
+            "macs_reduction": macs_d / max(macs_p, 1),
+            "gate_sparsity": g_sparsity,
+            "zero_fraction": zero_fraction(pruned),
+            "size_bytes": size_p, "size_gzip_bytes": gz_p,
+            "size_bytes_dense": size_d, "size_gzip_bytes_dense": gz_d,
+            "channels_removed": report.removed,
+            "prune_history": history,
+            "input": {"size": size, "mean": list(data.mean), "std": list(data.std), "layout": "NCHW float32"},
+        }
     if m_cfg.export:
-        t = clock()
-        # real test images, normalised by the same loader that feeds evaluation
-        real = [next(iter(DeviceLoader(data.test_x[:8].cpu(), data.test_y[:8].cpu(), 8, data.mean, data.std,
-                                       train=False)))[0]]
-        e_p = export_onnx(pruned, out / "model.onnx", size, check_inputs=real, exporter=m_cfg.exporter)
-        e_d = export_onnx(dense, out / "dense.onnx", size, check_inputs=real, exporter=m_cfg.exporter)
-        metrics["onnx_max_abs_diff"] = max(e_p["max_abs_diff"], e_d["max_abs_diff"])
-        metrics["onnx_size_bytes"] = e_p["size_bytes"]
-        metrics["onnx_size_bytes_dense"] = e_d["size_bytes"]
-        tm["export_s"] += clock() - t
+        with _timed(tm, "export_s"):
+            # real test images, normalised by the same loader that feeds evaluation
+            real = [next(iter(DeviceLoader(data.test_x[:8].cpu(), data.test_y[:8].cpu(), 8, data.mean, data.std,
+                                           train=False)))[0]]
+            e_p = export_onnx(pruned, out / "model.onnx", size, check_inputs=real, exporter=m_cfg.exporter)
+            e_d = export_onnx(dense, out / "dense.onnx", size, check_inputs=real, exporter=m_cfg.exporter)
+            metrics["onnx_max_abs_diff"] = max(e_p["max_abs_diff"], e_d["max_abs_diff"])
+            metrics["onnx_size_bytes"] = e_p["size_bytes"]
+            metrics["onnx_size_bytes_dense"] = e_d["size_bytes"]
     if m_cfg.latency:
-        t = clock()
-        paths = {"dense": out / "dense.onnx", "pruned": out / "model.onnx"}
-        lat = {}
-        for b in sorted({1, m_cfg.batch}):
-            lat[f"onnxruntime_cpu_b{b}"] = onnx_latency(paths, size, batch=b, runs=m_cfg.runs, warmup=m_cfg.warmup,
-                                                        threads=m_cfg.threads)
-        if m_cfg.torch_latency:
-            tdev = dev if dev.type == "cuda" else torch.device("cpu")
+        with _timed(tm, "measure_s"):
+            paths = {"dense": out / "dense.onnx", "pruned": out / "model.onnx"}
+            lat = {}
             for b in sorted({1, m_cfg.batch}):
-                lat[f"torch_{tdev.type}_b{b}"] = torch_latency({"dense": dense, "pruned": pruned}, size, tdev, batch=b,
-                                                               runs=m_cfg.runs, warmup=m_cfg.warmup,
-                                                               threads=m_cfg.threads)
-        b1 = lat["onnxruntime_cpu_b1"]
-        metrics.update({
-            "latency_ms": b1["pruned"]["median_ms"], "latency_ms_p90": b1["pruned"]["p90_ms"],
-            "latency_ms_dense": b1["dense"]["median_ms"], "latency_ms_dense_p90": b1["dense"]["p90_ms"],
-            "latency_speedup": b1["dense"]["median_ms"] / b1["pruned"]["median_ms"],
-            "latency": lat,
-        })
-        tm["measure_s"] += clock() - t
+                lat[f"onnxruntime_cpu_b{b}"] = onnx_latency(paths, size, batch=b, runs=m_cfg.runs, warmup=m_cfg.warmup,
+                                                            threads=m_cfg.threads)
+            if m_cfg.torch_latency:
+                tdev = dev if dev.type == "cuda" else torch.device("cpu")
+                for b in sorted({1, m_cfg.batch}):
+                    lat[f"torch_{tdev.type}_b{b}"] = torch_latency(
+                        {"dense": dense, "pruned": pruned}, size, tdev, batch=b, runs=m_cfg.runs, warmup=m_cfg.warmup,
+                        threads=m_cfg.threads)
+            b1 = lat["onnxruntime_cpu_b1"]
+            metrics.update({
+                "latency_ms": b1["pruned"]["median_ms"], "latency_ms_p90": b1["pruned"]["p90_ms"],
+                "latency_ms_dense": b1["dense"]["median_ms"], "latency_ms_dense_p90": b1["dense"]["p90_ms"],
+                "latency_speedup": b1["dense"]["median_ms"] / b1["pruned"]["median_ms"],
+                "latency": lat,
+            })
     metrics["timings"] = tm
     if steps_rec:
         metrics["prune_steps"] = steps_rec
