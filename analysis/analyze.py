@@ -4,6 +4,10 @@ Writes into ``--out`` (default ``<sweep>/analysis``): ``trials.csv`` (every tria
 rank), ``pareto.csv`` (the front, full config), ``configs/<trial>.yaml`` (what
 ``prunevision train`` needs to reproduce a front point), the plots, ``report.md`` and one
 self-contained ``report.html``; then logs them to the sweep's MLflow parent run.
+
+Fronts and the choice use the validation accuracy (``val_accuracy``) where the trials report it;
+the test accuracy (``accuracy``) is shown next to it as the reported figure, never chosen on.
+Sweeps from before the validation split are analysed on ``accuracy``.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from analysis import plots
-from analysis.choose import choose
+from analysis.choose import accuracy_column, choose, selection_bounds, selection_objectives
 from analysis.pareto import (
     default_reference,
     hypervolume,
@@ -38,8 +42,9 @@ DIAGNOSTICS = {
     "prune_steps": "Accuracy, sparsity and latency over the chosen trial's pruning steps",
     "ratio_curve": "The chosen trial's pruning ratios from one training",
 }
-SUMMARY_COLS = ["trial_id", "accuracy", "param_sparsity", "latency_ms", "latency_remeasured", "latency_speedup",
-                "macs_reduction", "accuracy_dense"]
+SUMMARY_COLS = ["trial_id", "val_accuracy", "accuracy", "param_sparsity", "latency_ms", "latency_remeasured",
+                "latency_speedup", "macs_reduction", "target_macs", "macs_share", "val_accuracy_dense",
+                "accuracy_dense"]
 
 
 def rank_trials(df: pd.DataFrame, objectives: Mapping[str, str]) -> pd.DataFrame:
@@ -58,13 +63,16 @@ def analyze(sweep_dir: str | Path, out: str | Path | None = None, *, source: str
             log_to_mlflow: bool = True, log: Callable[[str], None] | None = print) -> dict[str, Any]:
     sweep_dir = Path(sweep_dir).resolve()
     state = read_state(sweep_dir)
-    objectives: dict[str, str] = dict(state["run"]["objectives"])
+    sweep_objectives: dict[str, str] = dict(state["run"]["objectives"])  # what the search optimised
     settings = state["settings"]
     if log_to_mlflow:  # an unreachable server stops us before any work, not after it
         from sweeps.tracking import check_reachable
 
         check_reachable(settings["tracking_uri"])
     df = load_sweep(sweep_dir, source)
+    # what fronts and the choice use: val_accuracy in place of a test-accuracy objective when reported
+    objectives = selection_objectives(sweep_objectives, df)
+    acc_col = accuracy_column(df)
     counts = status_counts(df)
     done = df[df["status"] == "complete"] if len(df) else df
     if done.empty:
@@ -73,7 +81,8 @@ def analyze(sweep_dir: str | Path, out: str | Path | None = None, *, source: str
     if missing:
         raise SweepDataError(f"the trials report no {', '.join(missing)}: cannot build the front")
     # bounds that re-measurement cannot change are checked before it runs
-    within_bounds(done.dropna(subset=list(objectives)), {k: v for k, v in (bounds or {}).items() if k != "latency_ms"})
+    within_bounds(done.dropna(subset=list(objectives)),
+                  {k: v for k, v in selection_bounds(bounds, df).items() if k != "latency_ms"})
     out = Path(out) if out else sweep_dir / "analysis"
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -113,6 +122,9 @@ def analyze(sweep_dir: str | Path, out: str | Path | None = None, *, source: str
             tid = str(r["trial_id"])
             reproduce[tid] = f"prunevision train {cfg_dir / (tid + '.yaml')} --out runs/{tid}"
     front_csv = front.assign(reproduce=front["trial_id"].map(reproduce))
+    # the accuracy chosen on, then the test accuracy (the reported figure), first
+    lead = [c for c in SUMMARY_COLS if c in front_csv.columns]
+    front_csv = front_csv[lead + [c for c in front_csv.columns if c not in lead]]
     front_csv.to_csv(out / "pareto.csv", index=False)
 
     # plots
@@ -132,14 +144,15 @@ def analyze(sweep_dir: str | Path, out: str | Path | None = None, *, source: str
     imp_note = ""
     study_db = sweep_dir / STUDY_FILE
     if study_db.is_file():
-        files["importance"], imp_note = plots.importance(study_db, state["name"], objectives,
+        files["importance"], imp_note = plots.importance(study_db, state["name"], sweep_objectives,
                                                          out / "importance.png")
     else:
         imp_note = "no Optuna study in the sweep folder: no hyperparameter importance"
 
     summary = {
         "sweep": state["name"], "sweep_dir": str(sweep_dir), "out": str(out), "source": source,
-        "objectives": objectives, "trials": counts, "front_size": int(len(front)), "hypervolume": hv,
+        "objectives": objectives, "sweep_objectives": sweep_objectives, "selection_accuracy": acc_col,
+        "trials": counts, "front_size": int(len(front)), "hypervolume": hv,
         "reference_point": ref.tolist(), "latency_remeasured": remeasured,
         "latency_target": f"{target} batch {batch}, {threads} thread(s)" if remeasured else "trial measurements",
         "chosen": {"trial_id": chosen["trial_id"], "select": select, "bounds": {k: list(v) for k, v in
@@ -174,7 +187,14 @@ def _write_report(out: Path, state: dict, df: pd.DataFrame, front: pd.DataFrame,
         f"Sweep folder: {summary['sweep_dir']} (results read from {summary['source']})",
         f"Search: Optuna {run['sampler']} sampler, seed {run['seed']}, {run['num_samples']} trials planned, "
         f"{run['max_concurrent']} at a time" + (f", scheduler {run['scheduler']}" if run.get("scheduler") else ""),
-        "Objectives: " + ", ".join(f"{k} ({v})" for k, v in objectives.items()),
+        "Objectives: " + ", ".join(f"{k} ({v})" for k, v in objectives.items())
+        + (f" (the sweep searched on {', '.join(summary['sweep_objectives'])}; fronts use val_accuracy in place "
+           "of the test accuracy)" if list(objectives) != list(summary["sweep_objectives"]) else ""),
+        ("Accuracy: fronts and the choice use val_accuracy, measured on the validation split held out of the "
+         "training images (data.val_split); accuracy is the test accuracy, measured once per trial and reported "
+         "alongside, never chosen on" if summary["selection_accuracy"] == "val_accuracy" else
+         "Accuracy: the trials report no val_accuracy (a sweep from before the validation split): fronts and the "
+         "choice use the test accuracy"),
         f"Trials: {_counts_text(summary['trials'])}. Only complete trials take part in the front"
         + (f"; left out: {_counts_text(excluded)}." if excluded else "."),
         f"Front: {summary['front_size']} trial(s). Hypervolume {summary['hypervolume']:.6g} with reference point "
@@ -194,17 +214,20 @@ def _write_report(out: Path, state: dict, df: pd.DataFrame, front: pd.DataFrame,
              f"prunevision export {summary['sweep_dir']} --select {sel['select']} --out model.onnx")
     cm = chosen_metrics
     rows = [
-        {"what": "top-1 accuracy", "dense": chosen.get("accuracy_dense"), "pruned": chosen.get("accuracy"),
-         "ratio": None, "_c": "accuracy"},
+        {"what": "top-1 accuracy (test, reported)", "dense": chosen.get("accuracy_dense"),
+         "pruned": chosen.get("accuracy"), "_acc": True},
         {"what": "parameters", "dense": cm.get("params_dense"), "pruned": cm.get("params")},
         {"what": "MACs per image", "dense": cm.get("macs_dense"), "pruned": cm.get("macs")},
         {"what": "weights on disk (bytes)", "dense": cm.get("size_bytes_dense"), "pruned": cm.get("size_bytes")},
         {"what": "latency (ms)" + (" re-measured" if summary["latency_remeasured"] else ""),
          "dense": chosen.get("latency_ms_dense"), "pruned": chosen.get("latency_ms")},
     ]
+    if summary["selection_accuracy"] == "val_accuracy":
+        rows.insert(0, {"what": "top-1 accuracy (validation, chosen on)", "dense": chosen.get("val_accuracy_dense"),
+                        "pruned": chosen.get("val_accuracy"), "_acc": True})
     for r in rows:
         d, p = r.get("dense"), r.get("pruned")
-        if r["what"] == "top-1 accuracy":
+        if r.get("_acc"):
             r["dense"], r["pruned"] = _pct(d), _pct(p)
             r["ratio"] = f"{100 * (p - d):+.2f} points" if _ok(d) and _ok(p) else None
         else:
@@ -222,7 +245,7 @@ def _write_report(out: Path, state: dict, df: pd.DataFrame, front: pd.DataFrame,
     cfg_cols = config_columns(front)
     rows = [dict(r) for _, r in front.iterrows()]
     cols = [c for c in SUMMARY_COLS if c in front.columns] + cfg_cols
-    rep.table(rows, cols, [c.replace("config/", "") for c in cols])
+    rep.table(rows, cols, [_header(c) for c in cols])
     rep.para("Reproduce a front point (its full resolved config is in configs/):", note=True)
     rep.code("\n".join(reproduce[t] for t in front["trial_id"] if t in reproduce) or "(no configs on disk)")
     rep.image(files.get("front_2d"), "Objective pairs: all complete trials by Pareto rank, the front of each "
@@ -238,13 +261,19 @@ def _write_report(out: Path, state: dict, df: pd.DataFrame, front: pd.DataFrame,
 
     rep.heading("All trials")
     others = df[df["status"] != "complete"]
-    cols = ["trial_id", "status", "rank"] + [c for c in ("accuracy", "param_sparsity", "latency_ms", "epochs_done",
-                                                          "num_failures") if c in df.columns]
-    rep.table([dict(r) for _, r in df.sort_values(["rank"]).iterrows()], cols)
+    cols = ["trial_id", "status", "rank"] + [c for c in ("val_accuracy", "accuracy", "param_sparsity", "latency_ms",
+                                                          "epochs_done", "num_failures") if c in df.columns]
+    rep.table([dict(r) for _, r in df.sort_values(["rank"]).iterrows()], cols, [_header(c) for c in cols])
     if len(others):
         rep.para(f"{len(others)} trial(s) are not complete (stopped early by the scheduler, errored or still "
                  "running) and are kept out of every front.", note=True)
     return rep.write()
+
+
+def _header(col: str) -> str:
+    """Table header: config keys without their prefix; the test accuracy says it is one."""
+    return {"accuracy": "accuracy (test)", "accuracy_dense": "accuracy_dense (test)"}.get(col, col.replace(
+        "config/", ""))
 
 
 def _ok(v: Any) -> bool:

@@ -12,10 +12,12 @@ from analysis.remeasure import TARGETS
 
 def add_selection_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--select", choices=STRATEGIES, default="knee",
-                   help="which frontier trial: the knee of the front (default) or the best for one objective")
+                   help="which frontier trial: the knee of the front (default) or the best for one objective "
+                        "(accuracy: val_accuracy, on the validation split; the test accuracy for older sweeps)")
     p.add_argument("--max-latency-ms", type=float, default=None, metavar="X", help="only trials with latency_ms ≤ X")
     p.add_argument("--min-accuracy", type=float, default=None, metavar="Y",
-                   help="only trials with accuracy ≥ Y (a fraction: 0.9)")
+                   help="only trials with val_accuracy ≥ Y (a fraction: 0.9; the test accuracy for sweeps "
+                        "without a validation split)")
     p.add_argument("--min-sparsity", type=float, default=None, metavar="Z",
                    help="only trials with param_sparsity ≥ Z (a fraction: 0.5)")
 
@@ -58,7 +60,9 @@ def run_analyze(args: argparse.Namespace) -> int:
     c = s["chosen"]
     print(f"sweep {s['sweep']}: {', '.join(f'{v} {k}' for k, v in s['trials'].items())}; front of "
           f"{s['front_size']} trial(s), hypervolume {s['hypervolume']:.4g}")
-    print(f"chosen ({c['select']}): trial {c['trial_id']}: accuracy {c['accuracy']:.4f} (dense "
+    val = (f"val accuracy {c['val_accuracy']:.4f} (dense {c['val_accuracy_dense']:.4f}), test "
+           if c.get("val_accuracy") is not None and c.get("val_accuracy_dense") is not None else "")
+    print(f"chosen ({c['select']}): trial {c['trial_id']}: {val}accuracy {c['accuracy']:.4f} (dense "
           f"{c['accuracy_dense']:.4f}), {c['param_sparsity']:.1%} of parameters removed, latency "
           f"{c['latency_ms']:.4f} ms ({c['latency_speedup']:.2f}x faster than dense"
           f"{', re-measured' if c.get('latency_remeasured') else ''})")
@@ -77,8 +81,10 @@ def run_export(args: argparse.Namespace) -> int:
                          registered_model=args.registered_model)
     v = card["verification"]
     m = card["metrics"]
+    val = f"val accuracy {m['val_accuracy']:.4f}, test " if m.get("val_accuracy") is not None else ""
     print(f"trial {card['source']['trial_id']} ({card['selection']['strategy']}"
-          f"{', retrained' if card['source']['retrained'] else ''}): accuracy {m.get('accuracy', float('nan')):.4f}, "
+          f"{', retrained' if card['source']['retrained'] else ''}): {val}accuracy "
+          f"{m.get('accuracy', float('nan')):.4f}, "
           f"{m.get('param_sparsity', 0):.1%} of parameters removed")
     real = " (real test images included)" if v["real_images"] else ""
     print(f"wrote {card['file']} ({card['size_bytes'] / 1e6:.2f} MB); ONNX Runtime vs PyTorch max abs diff "

@@ -142,7 +142,7 @@ def default_reference(df: pd.DataFrame, objectives: Mapping[str, str] | None = N
     pts, _ = to_minimisation(df, objs)
     ref = []
     for j, (k, mode) in enumerate(objs.items()):
-        if mode == "max" and k in ("accuracy", "param_sparsity", "gate_sparsity"):
+        if mode == "max" and k in ("accuracy", "val_accuracy", "param_sparsity", "gate_sparsity"):
             ref.append(0.0)
         else:
             worst = pts[:, j].max() if len(pts) else 0.0

@@ -14,18 +14,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from analysis.choose import accuracy_column
 from analysis.pareto import pareto_front
 from analysis.results import CONFIG_PREFIX, config_columns
 
 LABELS = {
-    "accuracy": "top-1 accuracy (%)",
+    "val_accuracy": "validation top-1 accuracy (%)",
+    "accuracy": "test top-1 accuracy (%)",
     "param_sparsity": "parameters removed (%)",
     "latency_ms": "latency (ms)",
     "macs_reduction": "MACs reduction (×)",
     "gate_sparsity": "gates closed (%)",
     "size_bytes": "size (bytes)",
 }
-PERCENT = {"accuracy", "param_sparsity", "gate_sparsity"}
+PERCENT = {"accuracy", "val_accuracy", "param_sparsity", "gate_sparsity"}
 
 
 def _plt():
@@ -48,7 +50,7 @@ def label(col: str, latency_note: str = "") -> str:
 
 def _dense_points(done: pd.DataFrame, objectives: Mapping[str, str]) -> pd.DataFrame | None:
     """The dense network each trial started from (gates folded in, nothing removed)."""
-    need = {"accuracy": "accuracy_dense", "latency_ms": "latency_ms_dense"}
+    need = {"accuracy": "accuracy_dense", "val_accuracy": "val_accuracy_dense", "latency_ms": "latency_ms_dense"}
     cols = {}
     for k in objectives:
         if k == "param_sparsity":
@@ -301,22 +303,24 @@ def leaderboard(df: pd.DataFrame, objectives: Mapping[str, str], path: Path, by:
                 ) -> Path | None:
     """Across pruning methods (or another categorical column) of a sweep: each method's best
     accuracy, and the best speed-up and parameter sparsity among its trials within 2 points of
-    that accuracy. Drawn when the sweep compares at least two methods."""
+    that accuracy. Drawn when the sweep compares at least two methods. Accuracy: the validation
+    accuracy where the trials report it (the test accuracy for older sweeps)."""
     plt = _plt()
     done = df[df["status"] == "complete"]
-    if by not in done.columns or done[by].nunique() < 2 or "accuracy" not in done.columns:
+    acc = accuracy_column(done)
+    if by not in done.columns or done[by].nunique() < 2 or acc not in done.columns:
         return None
     rows = []
     for method, g in done.groupby(by):
-        best = g["accuracy"].max()
-        near = g[g["accuracy"] >= best - 0.02]
+        best = g[acc].max()
+        near = g[g[acc] >= best - 0.02]
         rows.append({"method": str(method), "accuracy": best, "trials": len(g),
                      "speedup": near["latency_speedup"].max() if "latency_speedup" in near else np.nan,
                      "sparsity": near["param_sparsity"].max() if "param_sparsity" in near else np.nan})
     rows.sort(key=lambda r: -r["accuracy"])
     fig, axes = plt.subplots(1, 3, figsize=(13, 0.45 * len(rows) + 2.2), dpi=110, sharey=True)
     y = np.arange(len(rows))
-    for ax, key, lab, scale in ((axes[0], "accuracy", "best top-1 accuracy (%)", 100),
+    for ax, key, lab, scale in ((axes[0], "accuracy", f"best {label(acc).replace('top-1 ', '')}", 100),
                                 (axes[1], "speedup", "best speed-up within 2 points (×)", 1),
                                 (axes[2], "sparsity", "parameters removed within 2 points (%)", 100)):
         vals = [r[key] * scale for r in rows]

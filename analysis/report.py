@@ -19,7 +19,8 @@ def _fmt(v: Any, col: str = "") -> str:
     if isinstance(v, (bool,)):
         return "yes" if v else "no"
     if isinstance(v, float):
-        if col in ("accuracy", "accuracy_dense", "param_sparsity", "gate_sparsity") or col.startswith("per_class"):
+        if col in ("accuracy", "accuracy_dense", "val_accuracy", "val_accuracy_dense", "param_sparsity",
+                   "gate_sparsity") or col.startswith("per_class"):
             return f"{100 * v:.2f} %"
         if col.startswith("latency_ms"):
             return f"{v:.4f}"

@@ -11,7 +11,8 @@ Three sources give the same columns where they can:
 
 Columns: ``trial_id``, ``status`` (one of STATUSES), ``finished_at`` (unix seconds, orders the
 hypervolume history), ``config/<key>`` for each sampled parameter, every final metric
-(``accuracy``, ``param_sparsity``, ``latency_ms``, ``accuracy_dense``, ...), and for Ray
+(``val_accuracy`` on the validation split, ``accuracy`` on the test split, ``param_sparsity``,
+``latency_ms``, ``accuracy_dense``, ...), and for Ray
 ``trial_dir`` and ``output_dir``. Only ``complete`` rows take part in fronts.
 """
 
@@ -120,7 +121,8 @@ def load_ray(sweep_dir: str | Path) -> pd.DataFrame:
                "trial_dir": str(tdir), "output_dir": str(out) if out else None}
         row.update({CONFIG_PREFIX + k: v for k, v in params.items() if not k.startswith("_")})
         row.update(_metrics(last) if status == "complete" else
-                   {k: v for k, v in _metrics(last).items() if k in ("epoch", "test_accuracy", "score")})
+                   {k: v for k, v in _metrics(last).items()
+                    if k in ("epoch", "val_accuracy", "test_accuracy", "score")})
         rows.append(row)
     return _frame(rows)
 

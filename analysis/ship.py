@@ -19,7 +19,7 @@ from typing import Any
 
 import pandas as pd
 
-from analysis.choose import choose
+from analysis.choose import accuracy_column, choose, selection_objectives
 from analysis.report import config_of
 from analysis.results import SweepDataError, load_sweep, read_state
 
@@ -92,8 +92,9 @@ def export_chosen(sweep_dir: str | Path, out: str | Path, *, select: str = "knee
         from sweeps.tracking import check_reachable
 
         check_reachable(settings["tracking_uri"])
-    objectives = dict(state["run"]["objectives"])
     df = load_sweep(sweep_dir, "ray")
+    # val_accuracy in place of a test-accuracy objective where the trials report it (as choose does)
+    objectives = selection_objectives(state["run"]["objectives"], df)
     row = choose(df, objectives, select, bounds)
     tid = str(row["trial_id"])
     output_dir = Path(row["output_dir"]) if isinstance(row.get("output_dir"), str) else None
@@ -114,9 +115,9 @@ def export_chosen(sweep_dir: str | Path, out: str | Path, *, select: str = "knee
     import onnxruntime
     import torch
 
-    keep = ("accuracy", "accuracy_dense", "accuracy_before_finetune", "param_sparsity", "params", "params_dense",
-            "macs", "macs_dense", "macs_reduction", "size_bytes", "size_bytes_dense", "latency_ms", "latency_ms_dense",
-            "latency_speedup", "per_class_accuracy")
+    keep = ("val_accuracy", "val_accuracy_dense", "accuracy", "accuracy_dense", "accuracy_before_finetune",
+            "param_sparsity", "params", "params_dense", "macs", "macs_dense", "macs_reduction", "size_bytes",
+            "size_bytes_dense", "latency_ms", "latency_ms_dense", "latency_speedup", "per_class_accuracy")
     card: dict[str, Any] = {
         "name": registered_model or f"prunevision-{state['name']}",
         "file": str(out.resolve()), "sha256": _sha256(out), "size_bytes": out.stat().st_size,
@@ -126,7 +127,7 @@ def export_chosen(sweep_dir: str | Path, out: str | Path, *, select: str = "knee
         "metrics": {k: metrics.get(k, row.get(k)) for k in keep if metrics.get(k, row.get(k)) is not None},
         "sweep_metrics": {k: (None if pd.isna(row.get(k)) else float(row[k])) for k in objectives if k in row},
         "selection": {"strategy": select, "bounds": {k: list(v) for k, v in (bounds or {}).items()},
-                      "objectives": objectives},
+                      "objectives": objectives, "accuracy": accuracy_column(df)},
         "source": {"sweep": state["name"], "sweep_dir": str(sweep_dir), "trial_id": tid,
                    "trial_dir": row.get("trial_dir"), "checkpoint": None if retrained else str(ckpt),
                    "retrained": retrained, "mlflow_run_id": None, "tracking_uri": settings["tracking_uri"]},

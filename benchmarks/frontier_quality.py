@@ -1,4 +1,15 @@
-"""Frontier quality: a finished sweep's front against dense baselines trained with the same budget.
+"""Frontier quality: methods compared at the same MACs budgets, or a finished sweep's front against dense
+baselines trained with the same budget.
+
+Budget mode (``--budgets``, no sweep folder): for every model × budget × method × seed, one whole
+trial (train, prune, fine-tune, measure) with ``gates.target_macs`` set: budgeted gates (and, with
+``--distill``, the same with distillation while fine-tuning) against the structured baselines at the
+pruning ratio that meets the same budget, all with the same epochs; test accuracy on the full test
+set, achieved MACs share and ONNX Runtime CPU speed-up (dense and pruned timed interleaved in the
+trial's own run). A table per budget with mean ± spread over seeds.
+
+    .venv/bin/python benchmarks/frontier_quality.py --budgets 0.5,0.33,0.25 --models small_cnn \
+        --methods gate,taylor,l1_structured --seeds 0 --data ../shared/data/cifar10-jpeg.tar.gz
 
 The dense baseline is the sweep's own trial config with the gate penalty off (λ = 0, nothing
 pruned) trained for as many epochs as a trial spends (training + fine-tuning), for each seed
@@ -32,7 +43,14 @@ def _count(v: float | None) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("sweep_dir")
+    ap.add_argument("sweep_dir", nargs="?", help="a finished sweep (else --budgets)")
+    ap.add_argument("--budgets", help="budget mode: MACs shares, e.g. 0.5,0.33,0.25")
+    ap.add_argument("--models", default="small_cnn")
+    ap.add_argument("--methods", default="gate,taylor,l1_structured")
+    ap.add_argument("--distill", type=float, default=0.0, help="budget mode: also gate with prune.distill=X")
+    ap.add_argument("--data", default="../shared/data/cifar10-jpeg.tar.gz")
+    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--subset", type=int, default=10000)
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--runs", type=int, default=100, help="timed runs per model")
     ap.add_argument("--speedup", type=float, default=2.0)
@@ -41,6 +59,10 @@ def main() -> int:
     ap.add_argument("--results-md", default=str(RESULTS_MD), help="where to append the table ('' for nowhere)")
     ap.add_argument("--smoke-test", action="store_true", help="one seed, 1 epoch, 10 runs; appends nothing")
     args = ap.parse_args()
+    if args.budgets or (args.smoke_test and not args.sweep_dir):
+        return budget_mode(args)
+    if not args.sweep_dir:
+        ap.error("give a sweep folder or --budgets")
 
     from analysis.pareto import nondominated_ranks
     from analysis.results import load_ray, read_state
@@ -64,7 +86,8 @@ def main() -> int:
     baselines = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in seeds:
-            cfg = base.replace(**{"seed": seed, "gates.lam": 0.0, "train.epochs": budget, "prune.method": "gate",
+            cfg = base.replace(**{"seed": seed, "gates.lam": 0.0, "gates.kind": "sigmoid", "gates.target_macs": None,
+                                  "train.epochs": budget, "prune.method": "gate",
                                   "prune.threshold": 1e-6, "prune.steps": 1, "prune.ratios": None,
                                   "prune.finetune_epochs": 0, "measure.latency": False})
             t0 = time.perf_counter()
@@ -113,6 +136,77 @@ def main() -> int:
                 f"Target (≥ {args.speedup:g}× faster within {args.points:g} points of the dense baseline): "
                 f"**{verdict}**. Raw: `{args.out}`.\n")
         append_results("Frontier quality on this machine (`benchmarks/frontier_quality.py`)", body, args.results_md)
+    return 0
+
+
+def budget_mode(args) -> int:
+    from prunevision.config import load_config
+    from prunevision.pipeline import run_training
+
+    base = {"data.root": args.data, "data.subset": args.subset, "data.test_subset": None, "data.batch_size": 128,
+            "train.epochs": args.epochs, "gates.warmup_epochs": 1, "gates.lr": 0.05, "prune.round_to": None,
+            "prune.finetune_epochs": 1, "measure.batch": 32, "measure.runs": args.runs, "measure.threads": 1,
+            "measure.torch_latency": False}
+    budgets = [float(b) for b in (args.budgets or "0.5").split(",")]
+    models, methods = args.models.split(","), args.methods.split(",")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    if args.smoke_test:
+        base = {"data.name": "synthetic", "data.synthetic_train": 128, "data.synthetic_test": 64,
+                "data.num_classes": 4, "data.batch_size": 32, "data.image_size": 16, "train.epochs": 2,
+                "gates.warmup_epochs": 0, "prune.round_to": None, "prune.finetune_epochs": 1, "measure.runs": 30,
+                "measure.batch": 2, "measure.warmup": 2, "measure.exporter": "torchscript",
+                "measure.torch_latency": False}
+        budgets, seeds, models = budgets[:1], seeds[:1], models[:1]
+    variants = [(m, 0.0) for m in methods] + ([("gate", args.distill)] if args.distill > 0 else [])
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for model in models:
+            for budget in budgets:
+                for method, distill in variants:
+                    for seed in seeds:
+                        cfg = load_config(None, {**base, "model.name": model, "prune.method": method, "seed": seed,
+                                                 "gates.target_macs": budget, "prune.distill": distill})
+                        t0 = time.perf_counter()
+                        m = run_training(cfg, Path(tmp) / f"{model}-{budget}-{method}-{distill}-{seed}", log=None)
+                        r = {"model": model, "budget": budget, "method": method, "distill": distill, "seed": seed,
+                             "accuracy": m["accuracy"], "accuracy_dense": m["accuracy_dense"],
+                             "accuracy_before_finetune": m["accuracy_before_finetune"],
+                             "macs_share": m["macs_share"], "speedup": m.get("latency_speedup"),
+                             "time_s": time.perf_counter() - t0}
+                        runs.append(r)
+                        print(json.dumps(r), flush=True)
+    rows = []
+    for model in models:
+        for budget in budgets:
+            for method, distill in variants:
+                rs = [r for r in runs if (r["model"], r["budget"], r["method"], r["distill"]) ==
+                      (model, budget, method, distill)]
+
+                def ms(key, scale=1.0, fmt=".2f", rs=rs):
+                    v = np.array([r[key] for r in rs if r[key] is not None], dtype=float) * scale
+                    if not len(v):
+                        return "—"
+                    return f"{v.mean():{fmt}}" + (f" ± {v.std(ddof=1):{fmt}}" if len(v) > 1 else "")
+
+                rows.append({"model": model, "budget": f"{budget:g}",
+                             "method": method + (f" + distill {distill:g}" if distill else ""), "seeds": len(rs),
+                             "MACs share": ms("macs_share", fmt=".3f"), "accuracy %": ms("accuracy", 100),
+                             "dense %": ms("accuracy_dense", 100), "before fine-tune %":
+                             ms("accuracy_before_finetune", 100), "ORT CPU speed-up": ms("speedup")})
+    table = md_table(rows, list(rows[0]))
+    print(table)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "machine": machine(), "base": base,
+                                          "runs": runs}, indent=2, default=str))
+    if not args.smoke_test and args.results_md:
+        body = (f"    .venv/bin/python {' '.join(sys.argv)}\n\nMachine: {machine()}. Same epochs for every method "
+                f"({base['train.epochs']} training + {base['prune.finetune_epochs']} fine-tuning); baselines train "
+                f"without gates and prune at the ratio that meets the budget; accuracy on the full test set; "
+                f"speed-up: ONNX Runtime CPU, batch 1, 1 thread, dense and pruned interleaved in each trial's run, "
+                f"{base['measure.runs']} runs. Mean ± standard deviation over seeds.\n\n{table}\n\nRaw: "
+                f"`{args.out}`.\n")
+        append_results("Methods at the same MACs budget (`benchmarks/frontier_quality.py --budgets`)", body,
+                       args.results_md)
     return 0
 
 

@@ -76,6 +76,8 @@ def save_pruned(
         "num_classes": num_classes,
         "image_size": image_size,
         "layers": layer_widths(model),
+        # the hybrid's backbones still run (indices), when pruning dropped some
+        **({"hybrid_active": list(model.active)} if isinstance(getattr(model, "active", None), tuple) else {}),
         "extra": extra or {},
     }
     meta_json = json.dumps(meta, sort_keys=True)
@@ -126,6 +128,11 @@ def load_pruned(path: str | Path, device: str | torch.device = "cpu") -> nn.Modu
 
     model = create_model(mcfg, int(meta["num_classes"]), int(meta["image_size"]), pretrained=False)
     strip_gates(model)  # saved models are gate-free: PrunableLinear layers are plain linear layers
+    if "hybrid_active" in meta:
+        try:
+            model.keep_backbones(meta["hybrid_active"])
+        except (AttributeError, ValueError, TypeError) as e:
+            raise PrunedCheckpointError(f"{path}: bad hybrid_active {meta['hybrid_active']!r}: {e}") from None
     modules = dict(model.named_modules())
     for name, w in meta["layers"].items():
         m = modules.get(name)

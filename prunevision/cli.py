@@ -188,7 +188,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def print_summary(metrics: dict, out: Path) -> None:
-    line = f"accuracy {metrics['accuracy']:.4f}"
+    line = f"test accuracy {metrics['accuracy']:.4f}"
+    if "val_accuracy" in metrics:
+        dense = f" (dense {metrics['val_accuracy_dense']:.4f})" if "val_accuracy_dense" in metrics else ""
+        line = f"val accuracy {metrics['val_accuracy']:.4f}{dense}, {line}"
     if "accuracy_dense" in metrics:
         line += (f" (dense {metrics['accuracy_dense']:.4f}), param sparsity {metrics['param_sparsity']:.1%}, "
                  f"MACs reduced {metrics['macs_reduction']:.2f}x")

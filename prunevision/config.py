@@ -19,6 +19,10 @@ import yaml
 
 PenaltyMode = Literal["mean", "sum", "flops"]
 Schedule = Literal["constant", "linear", "staged", "cubic"]
+GateKind = Literal["sigmoid", "ste", "hard_concrete"]
+# τ for hard gates: they are exactly 0 when closed (a deterministic hard-concrete gate can be a small
+# positive number when open, so anything under this counts as zero)
+HARD_GATE_THRESHOLD = 1e-6
 PruneMethod = Literal[
     "gate",
     "l1_unstructured",
@@ -81,6 +85,11 @@ class DataConfig:
     # Fraction (0, 1] or count (> 1) of training / test images to use.
     subset: Optional[float] = None
     test_subset: Optional[float] = None
+    # Fraction of the (subsetted) training images held out, seeded and stratified per class, as
+    # the validation split that training selection, sweep objectives, ASHA and the analysis choose
+    # on (val_accuracy); the test split is only reported. 0: no validation split (val_accuracy is
+    # then the test accuracy, as before).
+    val_split: float = 0.1
     batch_size: int = 256
     eval_batch_size: int = 1024
     # Resize ImageFolder images to this size when decoding (None: keep their own size).
@@ -113,6 +122,7 @@ class DataConfig:
                 raise ConfigError(
                     f"data.{key}: {v} must be a fraction in (0, 1] or a whole count of images"
                 )
+        _check_range("data.val_split", self.val_split, low=0.0, high=0.5)
         _check_range("data.batch_size", self.batch_size, low=1)
         _check_range("data.eval_batch_size", self.eval_batch_size, low=1)
         _check_range("data.image_size", self.image_size, low=8, optional=True)
@@ -125,7 +135,17 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class GateConfig:
-    lam: float = 1.0  # λ, the penalty weight (0 whenever prune.method is not gate)
+    # λ, the penalty weight (0 whenever prune.method is not gate). None: 1.0 in λ mode; with a
+    # budget (target_macs) λ is a Lagrange multiplier that training adjusts, and setting it is an error.
+    lam: Optional[float] = None
+    # sigmoid: soft gates closed under τ; ste: straight-through hard 0/1 gates; hard_concrete: L0 gates.
+    # None: ste with a budget (target_macs), sigmoid in λ mode.
+    kind: Optional[GateKind] = None
+    # Budget mode: the pruned network's MACs as a share of the dense network's, in (0, 1]
+    # (0.25 = 4x fewer). Training reaches it by itself (augmented Lagrangian on the expected MACs);
+    # the target ramps from 1 after warmup_epochs over ramp_epochs (default: half the remaining epochs).
+    target_macs: Optional[float] = None
+    budget_lr: float = 0.02  # ascent rate of the two Lagrange multipliers (Adam, maximising)
     penalty: PenaltyMode = "mean"
     schedule: Schedule = "constant"
     warmup_epochs: float = 0.0  # linear: ramp length; staged and cubic: penalty-free epochs
@@ -138,7 +158,18 @@ class GateConfig:
     skip: tuple[str, ...] = ()  # module names (or prefixes) whose convs get no gate
 
     def __post_init__(self) -> None:
-        _check_range("gates.lam", self.lam, low=0.0)
+        if self.kind is None:
+            object.__setattr__(self, "kind", "ste" if self.target_macs is not None else "sigmoid")
+        _check_range("gates.lam", self.lam, low=0.0, optional=True)
+        _check_range("gates.target_macs", self.target_macs, low=0.0, high=1.0, low_open=True, optional=True)
+        _check_range("gates.budget_lr", self.budget_lr, low=0.0, low_open=True)
+        if self.target_macs is not None:
+            if self.lam not in (None, 0.0):
+                raise ConfigError(f"gates.lam: {self.lam} contradicts gates.target_macs={self.target_macs} (with a "
+                                  "budget training adjusts λ itself); set one of them")
+            if self.schedule != "constant":
+                raise ConfigError(f"gates.schedule: {self.schedule} is a λ schedule and contradicts gates.target_macs "
+                                  "(the budget ramps over gates.warmup_epochs and gates.ramp_epochs)")
         _check_range("gates.warmup_epochs", self.warmup_epochs, low=0.0)
         _check_range("gates.stages", self.stages, low=1)
         _check_range("gates.ramp_epochs", self.ramp_epochs, low=0.0, low_open=True, optional=True)
@@ -181,7 +212,9 @@ class TrainConfig:
 @dataclass(frozen=True)
 class PruneConfig:
     method: PruneMethod = "gate"
-    threshold: float = 0.5  # τ: gates under it count as closed
+    # τ: sigmoid gates under it count as closed (None: 0.5). Hard gates (ste, hard_concrete) are
+    # exactly open or closed: no τ to choose, and setting one is an error.
+    threshold: Optional[float] = None
     steps: int = 1  # iterative pruning steps (1 = one-shot)
     # baselines: share of channels (structured) or weights (unstructured) to remove in all
     target_sparsity: Optional[float] = None
@@ -192,6 +225,10 @@ class PruneConfig:
     max_layer_sparsity: Optional[float] = None  # per-layer cap on the share of channels removed
     finetune_epochs: int = 1  # after pruning, and (iterative) between steps
     finetune_lr: float = 0.01
+    # distillation while fine-tuning: weight α of T²·KL(dense ‖ pruned) on outputs softened by
+    # distill_temperature, (1 − α) on the labels; 0 = off
+    distill: float = 0.0
+    distill_temperature: float = 4.0
     calibration_batches: int = 8  # taylor, ocap, lrp: batches (of data.classes when set) that rank channels
     skip_first: int = 0  # leave the first N conv layers (in forward order) unpruned
     # baselines: several pruning ratios from the one trained model, each its own pruned model and
@@ -199,7 +236,8 @@ class PruneConfig:
     ratios: Optional[tuple[float, ...]] = None
 
     def __post_init__(self) -> None:
-        _check_range("prune.threshold", self.threshold, low=0.0, high=1.0, low_open=True, high_open=True)
+        _check_range("prune.threshold", self.threshold, low=0.0, high=1.0, low_open=True, high_open=True,
+                     optional=True)
         _check_range("prune.steps", self.steps, low=1)
         _check_range(
             "prune.target_sparsity", self.target_sparsity, low=0.0, high=1.0, high_open=True, optional=True
@@ -210,6 +248,8 @@ class PruneConfig:
                      high_open=True, optional=True)
         _check_range("prune.finetune_epochs", self.finetune_epochs, low=0)
         _check_range("prune.finetune_lr", self.finetune_lr, low=0.0, low_open=True)
+        _check_range("prune.distill", self.distill, low=0.0, high=1.0)
+        _check_range("prune.distill_temperature", self.distill_temperature, low=0.0, low_open=True)
         _check_range("prune.calibration_batches", self.calibration_batches, low=1)
         _check_range("prune.skip_first", self.skip_first, low=0)
         if self.ratios is not None:
@@ -218,8 +258,6 @@ class PruneConfig:
                                   "prune.threshold instead)")
             for r in self.ratios:
                 _check_range("prune.ratios", r, low=0.0, high=1.0, low_open=True, high_open=True)
-        if self.method != "gate" and self.target_sparsity is None:
-            raise ConfigError(f"prune.target_sparsity: required for prune.method={self.method}")
 
 
 @dataclass(frozen=True)
@@ -252,6 +290,27 @@ class ExperimentConfig:
     prune: PruneConfig = field(default_factory=PruneConfig)
     measure: MeasureConfig = field(default_factory=MeasureConfig)
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.gates.kind != "sigmoid" and self.prune.threshold is not None:
+            raise ConfigError(f"prune.threshold: gates.kind={self.gates.kind} gates are exactly open or closed; "
+                              "τ is only for gates.kind=sigmoid")
+        p = self.prune
+        if p.method != "gate" and p.target_sparsity is None and self.gates.target_macs is None:
+            raise ConfigError(f"prune.target_sparsity: required for prune.method={p.method} (or a MACs budget, "
+                              "gates.target_macs)")
+
+    @property
+    def tau(self) -> float:
+        """The threshold under which a gate counts as closed."""
+        if self.gates.kind != "sigmoid":
+            return HARD_GATE_THRESHOLD
+        return self.prune.threshold if self.prune.threshold is not None else 0.5
+
+    @property
+    def budget(self) -> float | None:
+        """gates.target_macs when training is budgeted (gate pruning only)."""
+        return self.gates.target_macs if self.prune.method == "gate" else None
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(dataclasses.asdict(self))

@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,7 +45,12 @@ class DatasetError(RuntimeError):
 
 @dataclass
 class Dataset:
-    """Decoded images (uint8, N×3×H×W) and labels, with the normalisation to apply."""
+    """Decoded images (uint8, N×3×H×W) and labels, with the normalisation to apply.
+
+    ``val_x``/``val_y``: the validation split, held out of the training images by
+    :func:`load_dataset` (``data.val_split``); empty (same layout as ``train_x``, no images) when
+    there is none, in which case :attr:`has_val` is false and callers use the test split in its place.
+    """
 
     name: str
     classes: tuple[str, ...]
@@ -56,6 +62,16 @@ class Dataset:
     std: tuple[float, float, float]
     source: str
     selected: tuple[str, ...] | None = None  # data.classes: the classes trained and evaluated on
+    val_x: Any = None  # a tensor (or ImageFiles) like train_x; None: empty
+    val_y: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.val_x is None or self.val_y is None:
+            self.val_x, self.val_y = self.train_x[:0], self.train_y[:0]
+
+    @property
+    def has_val(self) -> bool:
+        return len(self.val_y) > 0
 
     @property
     def num_classes(self) -> int:
@@ -71,7 +87,7 @@ class Dataset:
         return {c: pc[c] for c in self.selected} if self.selected else pc
 
     def to(self, device: torch.device | str) -> Dataset:
-        for k in ("train_x", "train_y", "test_x", "test_y"):
+        for k in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y"):
             setattr(self, k, getattr(self, k).to(device, non_blocking=True))
         return self
 
@@ -86,7 +102,9 @@ def default_cache_dir(cfg: DataConfig | None = None) -> Path:
 
 
 def load_dataset(cfg: DataConfig, seed: int = 0) -> Dataset:
-    """Load (decoding once, then from cache) and subset the dataset the config names."""
+    """Load (decoding once, then from cache) and subset the dataset the config names, then hold
+    ``data.val_split`` of the remaining training images out as the validation split (seeded,
+    stratified per class; none when it is 0)."""
     if cfg.name == "synthetic":
         ds = synthetic_dataset(cfg.num_classes, cfg.synthetic_train, cfg.synthetic_test,
                                cfg.image_size or 32, seed=seed)
@@ -99,7 +117,48 @@ def load_dataset(cfg: DataConfig, seed: int = 0) -> Dataset:
     g = torch.Generator().manual_seed(seed)
     ds.train_x, ds.train_y = _subset(ds.train_x, ds.train_y, cfg.subset, g)
     ds.test_x, ds.test_y = _subset(ds.test_x, ds.test_y, cfg.test_subset, g)
+    train_idx, val_idx = val_split_indices(ds.train_y, cfg.val_split, seed)
+    if len(val_idx):
+        ds.val_x, ds.val_y = ds.train_x[val_idx], ds.train_y[val_idx]
+        ds.train_x, ds.train_y = ds.train_x[train_idx], ds.train_y[train_idx]
+    else:
+        ds.val_x, ds.val_y = ds.train_x[:0], ds.train_y[:0]
     return ds
+
+
+def val_split_indices(y: torch.Tensor, fraction: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, val) indices into ``y`` (each sorted): ``round(fraction · n)`` images held out for
+    validation (at least 1 and at most n − 1 when ``fraction`` > 0), stratified per class (each
+    class gives its share, ±1 image). Depends on the labels and ``seed`` only: the same seed gives
+    the same split. ``fraction`` 0: no validation images."""
+    y = y.cpu().long()
+    n = len(y)
+    k = int(round(n * fraction))
+    if fraction > 0 and n >= 2:
+        k = min(max(k, 1), n - 1)
+    else:
+        k = 0
+    if k == 0:
+        return torch.arange(n), torch.zeros(0, dtype=torch.long)
+    g = torch.Generator().manual_seed(_VAL_SEED + seed)
+    perm = torch.randperm(n, generator=g)
+    yp = y[perm]
+    counts = torch.bincount(yp)
+    # each image's rank among its class (in the shuffled order), spread over [0, 1) per class with
+    # a random offset per class: taking the k lowest takes every class's share
+    order = torch.sort(yp, stable=True).indices
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.empty(n, dtype=torch.float64)
+    rank[order] = (torch.arange(n) - starts[yp[order]]).double()
+    offset = torch.rand(len(counts), generator=g, dtype=torch.float64)
+    key = (rank + offset[yp]) / counts[yp].double()
+    chosen = torch.sort(key, stable=True).indices[:k]
+    is_val = torch.zeros(n, dtype=torch.bool)
+    is_val[perm[chosen]] = True
+    return (~is_val).nonzero().flatten(), is_val.nonzero().flatten()
+
+
+_VAL_SEED = 20_011  # the validation split's generator: apart from the one that draws data.subset
 
 
 def resolve_classes(available: tuple[str, ...], wanted: tuple[str, ...]) -> list[int]:
@@ -129,8 +188,10 @@ def select_classes(ds: Dataset, wanted: tuple[str, ...], renumber: bool = True) 
     idx = resolve_classes(ds.classes, wanted)
     lut = torch.full((len(ds.classes),), -1, dtype=torch.long)
     lut[torch.tensor(idx)] = torch.arange(len(idx))
-    for split in ("train", "test"):
+    for split in ("train", "val", "test"):
         x, y = getattr(ds, f"{split}_x"), getattr(ds, f"{split}_y")
+        if split == "val" and len(y) == 0:
+            continue
         keep = lut[y.cpu()] >= 0
         if not keep.any():
             raise DatasetError(f"data.classes: no {split} image belongs to {', '.join(wanted)}")

@@ -85,7 +85,7 @@ def build_gated_model(
 ) -> nn.Module:
     model = create_model(model_cfg, num_classes, image_size, pretrained=pretrained)
     example = torch.zeros(2, 3, image_size, image_size)
-    instrument(model, example, init=gate_cfg.init, temperature=gate_cfg.temperature,
+    instrument(model, example, init=gate_cfg.init, temperature=gate_cfg.temperature, kind=gate_cfg.kind,
                skip=gate_cfg.skip, num_classes=num_classes)
     return model
 
@@ -268,13 +268,19 @@ class Hybrid(nn.Module):
     a 1×1 conv + BatchNorm fusion layer (gated like every other conv), one classifier head.
 
     Fusing 4-D maps with a conv rather than flattening into a Linear keeps the concatenation
-    prunable by DepGraph.
+    prunable by DepGraph. When the gates close a whole backbone (its output into the fusion layer
+    is a constant), gate pruning drops it (:meth:`drop_backbones`): ``active`` lists the
+    backbones the forward pass still runs, ``backbones_remaining`` their names.
     """
 
     def __init__(self, trunks: list[nn.Module], trunk_channels: list[int], fusion_channels: int,
-                 num_classes: int, dropout: float):
+                 num_classes: int, dropout: float, names: list[str] | tuple[str, ...] | None = None):
         super().__init__()
         self.backbones = nn.ModuleList(trunks)
+        self.names = tuple(names) if names is not None else tuple(f"backbone{i}" for i in range(len(trunks)))
+        # indices of the backbones the forward pass runs (pruning can drop whole backbones: the
+        # module at a dropped index becomes an Identity, so state-dict names keep their numbers)
+        self.active: tuple[int, ...] = tuple(range(len(trunks)))
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fusion = nn.Sequential(
             nn.Conv2d(sum(trunk_channels), fusion_channels, 1, bias=False),
@@ -283,9 +289,68 @@ class Hybrid(nn.Module):
         )
         self.head = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(fusion_channels, num_classes))
 
+    def pooled_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Each remaining backbone's pooled N×C×1×1 map, in concatenation order."""
+        return [self.pool(self.backbones[i](x)) for i in self.active]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        feats = [self.pool(b(x)) for b in self.backbones]
-        return self.head(self.fusion(torch.cat(feats, dim=1)))
+        return self.head(self.fusion(torch.cat(self.pooled_features(x), dim=1)))
+
+    @property
+    def backbones_remaining(self) -> list[str]:
+        return [self.names[i] for i in self.active]
+
+    def keep_backbones(self, keep: list[int] | tuple[int, ...]) -> None:
+        """Run only the backbones ``keep`` (indices); the others become parameter-free Identity
+        modules. No weights change: used to rebuild a pruned hybrid whose tensors say the rest."""
+        keep = tuple(sorted(set(int(i) for i in keep)))
+        if not keep or any(i not in self.active for i in keep):
+            raise ValueError(f"cannot keep backbones {keep}: remaining are {self.active}")
+        for i in self.active:
+            if i not in keep:
+                self.backbones[i] = nn.Identity()
+        self.active = keep
+
+    @torch.no_grad()
+    def drop_backbones(self, drop: set[int], features: list[torch.Tensor]) -> None:
+        """Remove backbones whose pooled output is a constant, exactly.
+
+        ``features``: one C_i vector per remaining backbone (concatenation order), the constant
+        output of those in ``drop`` (zeros when their output gates are closed). The fusion conv
+        loses their input channels; their constant contribution W_i·c_i moves into the fusion
+        norm's running mean (or the conv's bias), so the network computes what it computed.
+        """
+        drop = {i for i in drop if i in self.active}
+        if not drop:
+            return
+        if len(drop) >= len(self.active):
+            raise ValueError("cannot drop every backbone of the hybrid")
+        conv = self.fusion[0]
+        conv = conv[0] if isinstance(conv, nn.Sequential) else conv
+        keep_cols, shift, off = [], None, 0
+        for i, f in zip(self.active, features):
+            f = f.reshape(-1).to(conv.weight.dtype)
+            cols = list(range(off, off + f.numel()))
+            off += f.numel()
+            if i in drop:
+                d = conv.weight[:, cols, 0, 0] @ f
+                shift = d if shift is None else shift + d
+            else:
+                keep_cols += cols
+        if off != conv.in_channels:
+            raise ValueError(f"backbone widths {off} do not match the fusion conv's {conv.in_channels} inputs")
+        if shift is not None and bool(shift.abs().max() > 0):
+            norm = self.fusion[1]
+            norm = norm[0] if isinstance(norm, nn.Sequential) else norm
+            if conv.bias is not None:
+                conv.bias.add_(shift)
+            elif isinstance(norm, nn.modules.batchnorm._BatchNorm) and norm.running_mean is not None:
+                norm.running_mean.sub_(shift)  # BN(y + d) with mean μ + d is BN(y) with mean μ
+            else:
+                raise ValueError("cannot fold a dropped backbone's constant output into the fusion layer")
+        conv.weight = nn.Parameter(conv.weight[:, keep_cols].clone(), requires_grad=conv.weight.requires_grad)
+        conv.in_channels = len(keep_cols)
+        self.keep_backbones([i for i in self.active if i not in drop])
 
 
 @register_model("hybrid")
@@ -302,4 +367,4 @@ def _hybrid(cfg: ModelConfig, num_classes: int, image_size: int) -> nn.Module:
             channels.append(trunk(torch.zeros(1, 3, image_size, image_size)).shape[1])
             trunk.train()
         trunks.append(trunk)
-    return Hybrid(trunks, channels, cfg.fusion_channels, num_classes, cfg.dropout)
+    return Hybrid(trunks, channels, cfg.fusion_channels, num_classes, cfg.dropout, names=cfg.backbones)

@@ -59,7 +59,8 @@ def run_training(
     data.to(device)
     t_data = time.perf_counter() - t_load
     if log:
-        log(f"data: {data.name} from {data.source}: {len(data.train_y)} train / {len(data.test_y)} test images, "
+        log(f"data: {data.name} from {data.source}: {len(data.train_y)} train / {len(data.val_y)} validation / "
+            f"{len(data.test_y)} test images, "
             f"{data.num_classes} classes, {data.image_size}px (ready in {t_data:.1f}s)")
     t_model = time.perf_counter()
     model = build_gated_model(cfg.model, cfg.gates, data.num_classes, data.image_size,
@@ -85,7 +86,7 @@ def run_training(
     state.save(out / "checkpoint.pt")
     if gate_history and gate_history[0]:
         write_json(out / "gate_history.json", {"bins": GATE_BINS.tolist(), "epochs": gate_history})
-        plot_gate_history(gate_history, cfg.prune.threshold, out / "gate_histograms_over_training.png")
+        plot_gate_history(gate_history, cfg.tau, out / "gate_histograms_over_training.png")
     metrics = final_metrics(state, data, cfg, train_time, device)
     timings = {"data_load_s": t_data, "model_build_s": t_model, "train_s": train_time}
     if cfg.measure.enabled:
@@ -103,10 +104,14 @@ def final_metrics(state: TrainState, data: Dataset, cfg: ExperimentConfig, train
     model = state.model
     loader = DeviceLoader(data.test_x, data.test_y, cfg.data.eval_batch_size, data.mean, data.std, train=False)
     ev = evaluate(model, loader, data.num_classes)
-    stats = gate_stats(model, cfg.prune.threshold)
+    ev_val = evaluate(model, DeviceLoader(data.val_x, data.val_y, cfg.data.eval_batch_size, data.mean, data.std,
+                                          train=False), data.num_classes) if data.has_val else ev
+    stats = gate_stats(model, cfg.tau)
     return {
-        "accuracy": ev["accuracy"],
+        "accuracy": ev["accuracy"],  # test split: reported, never chosen on
         "test_loss": ev["loss"],
+        "val_accuracy": ev_val["accuracy"],  # validation split (the test split when data.val_split is 0)
+        "val_loss": ev_val["loss"],
         "per_class_accuracy": data.per_class(ev["per_class_accuracy"]),
         "mean_gate": stats["all"]["mean"],
         "gates_below_threshold": stats["all"]["below_threshold"],
@@ -116,7 +121,8 @@ def final_metrics(state: TrainState, data: Dataset, cfg: ExperimentConfig, train
         "train_time_s": train_time,
         "history": state.history,
         "dataset": {"name": data.name, "source": data.source, "train_images": len(data.train_y),
-                    "test_images": len(data.test_y), "classes": list(data.classes), "image_size": data.image_size},
+                    "val_images": len(data.val_y), "test_images": len(data.test_y), "classes": list(data.classes),
+                    "image_size": data.image_size},
         "device": str(device),
         "host": {"python": platform.python_version(), "torch": torch.__version__,
                  "threads": torch.get_num_threads(), "machine": platform.machine()},

@@ -19,6 +19,7 @@ calibration images).
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ import torch_pruning as tp
 from torch import nn
 from torch.nn.utils import prune as nn_prune
 
-from prunevision.gates import ChannelGate, PrunableLinear
+from prunevision.gates import ChannelGate, GateMirror, PrunableLinear
 
 STRUCTURED = ("l1_structured", "l2_structured", "taylor", "bn_scale", "random_structured", "ocap", "lrp")
 CLASS_AWARE = ("ocap", "lrp")
@@ -69,14 +70,26 @@ def strip_gates(model: nn.Module, threshold: float | None = None) -> nn.Module:
     ``Sequential(norm, gate)`` becomes ``norm`` with γ·g and β·g (a gate right after a conv
     scales that conv's weights and bias): the network computes exactly what it computed with
     its gates. A :class:`PrunableLinear` becomes an ``nn.Linear`` with weight ⊙ g; weights whose
-    gate is under ``threshold`` become real zeros.
+    gate is under ``threshold`` become real zeros. A :class:`GateMirror` after a depthwise norm
+    is folded into that norm the same way (with its source gate's values, all read before
+    anything is replaced).
     """
+    values: dict[int, torch.Tensor] = {}
+    for m in model.modules():
+        if isinstance(m, ChannelGate):
+            values[id(m)] = m.values().detach()
+    for m in model.modules():
+        if isinstance(m, GateMirror):
+            values[id(m)] = values[id(m.source)] if id(m.source) in values else m.source.values().detach()
     for _, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
-            if isinstance(child, nn.Sequential) and len(child) == 2 and isinstance(child[1], ChannelGate):
+            if isinstance(child, nn.Sequential) and len(child) == 2 and isinstance(child[1], (ChannelGate, GateMirror)):
                 inner, gate = child[0], child[1]
-                if _fold_channel_scale(inner, gate.values().detach()):
+                if _fold_channel_scale(inner, values[id(gate)]):
                     setattr(module, child_name, inner)
+                elif isinstance(gate, GateMirror):  # not foldable: a gate of its own, same values
+                    fixed = copy.deepcopy(gate.source)
+                    setattr(module, child_name, nn.Sequential(inner, fixed))
             elif isinstance(child, PrunableLinear):
                 setattr(module, child_name, _linear_from_prunable(child, threshold))
     return model
@@ -84,10 +97,15 @@ def strip_gates(model: nn.Module, threshold: float | None = None) -> nn.Module:
 
 def _fold_channel_scale(layer: nn.Module, g: torch.Tensor) -> bool:
     g = g.to(next(layer.parameters()).device) if any(True for _ in layer.parameters()) else g
-    if isinstance(layer, (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm2d)):
+    if isinstance(layer, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm2d)):
         if getattr(layer, "weight", None) is None:
             return False  # not affine: keep the gate as a fixed scale
         layer.weight.mul_(g.to(layer.weight.dtype))
+        if layer.bias is not None:
+            layer.bias.mul_(g.to(layer.bias.dtype))
+        return True
+    if isinstance(layer, nn.Linear):
+        layer.weight.mul_(g.view(-1, 1).to(layer.weight.dtype))
         if layer.bias is not None:
             layer.bias.mul_(g.to(layer.bias.dtype))
         return True
@@ -134,7 +152,24 @@ class ChannelGatePruner(tp.pruner.function.BasePruningFunc):
     get_in_channels = get_out_channels
 
 
-GATE_PRUNERS = {ChannelGate: ChannelGatePruner()}
+class GateMirrorPruner(tp.pruner.function.BasePruningFunc):
+    """A GateMirror couples its input and output channels and holds nothing to prune (its source
+    gate is pruned as a node of its own); its width is inferred from its neighbours."""
+
+    TARGET_MODULES = (GateMirror,)
+
+    def prune_out_channels(self, layer: GateMirror, idxs: list[int]) -> GateMirror:
+        return layer
+
+    prune_in_channels = prune_out_channels
+
+    def get_out_channels(self, layer: GateMirror) -> None:
+        return None
+
+    get_in_channels = get_out_channels
+
+
+GATE_PRUNERS = {ChannelGate: ChannelGatePruner(), GateMirror: GateMirrorPruner()}
 
 
 class GateImportance(tp.importance.GroupMagnitudeImportance):
@@ -180,6 +215,8 @@ class PruneReport:
     kept: dict[str, int] = field(default_factory=dict)
     # conv layer → indices of its output channels removed (in that step's numbering)
     removed_idxs: dict[str, list[int]] = field(default_factory=dict)
+    # the hybrid's backbones still run after this step (None: not a hybrid)
+    backbones_remaining: list[str] | None = None
 
     def record(self, group, names: dict[int, str]) -> None:
         """Note which output channels of which conv layers a pruning group removes."""
@@ -192,6 +229,8 @@ class PruneReport:
         for k, v in other.removed.items():
             self.removed[k] = self.removed.get(k, 0) + v
         self.kept.update(other.kept)
+        if other.backbones_remaining is not None:
+            self.backbones_remaining = list(other.backbones_remaining)
 
     @property
     def channels_removed(self) -> int:
@@ -226,7 +265,8 @@ def prune_by_gates(
     PrunableLinear layers are turned into plain linear layers (weights ⊙ gate, closed weights
     zero) and output units whose weights are all closed are removed. Layer widths never drop to
     zero (``min_channels``), ``round_to`` rounds kept widths up to a multiple, the classifier
-    keeps all its outputs.
+    keeps all its outputs. In the hybrid, a backbone the closed gates turn into a constant goes
+    whole (:func:`drop_closed_backbones`; the report's ``backbones_remaining`` names the rest).
     """
     linear_gates: dict[nn.Module, torch.Tensor] = {}
     with torch.no_grad():
@@ -241,10 +281,12 @@ def prune_by_gates(
     importance = GateImportance(linear_gates)
     was_training = model.training
     model.eval()
+    remaining = drop_closed_backbones(model, example, threshold, skip=skip,
+                                      max_layer_sparsity=max_layer_sparsity)
     with torch.enable_grad():  # DepGraph traces with autograd
         DG = tp.DependencyGraph().build_dependency(model, example_inputs=example, customized_pruners=GATE_PRUNERS)
     names = _names(model)
-    report = PruneReport("gate")
+    report = PruneReport("gate", backbones_remaining=remaining)
     ignored = ([head] if head is not None else []) + list(skip or [])
     skip_ids = {m for m in skip or []}
     for group in DG.get_all_groups(ignored_layers=ignored, root_module_types=(nn.Conv2d, nn.Linear)):
@@ -279,6 +321,89 @@ def prune_by_gates(
             report.kept[names.get(id(root), type(root).__name__)] = keep
     model.train(was_training)
     return report
+
+
+CONSTANT_RTOL = 1e-5  # a backbone whose pooled output varies less than this (relative) is constant
+VARIES_RTOL = 1e-3  # ... and one that varies more than this with all gates open is closed by its gates
+
+
+@torch.no_grad()
+def drop_closed_backbones(
+    model: nn.Module,
+    example: torch.Tensor,
+    threshold: float,
+    *,
+    skip: Iterable[nn.Module] | None = None,
+    max_layer_sparsity: float | None = None,
+) -> list[str] | None:
+    """The hybrid: drop every backbone that the closed gates (under ``threshold``) turn into a
+    constant — its gates into the fusion layer all closed, or every channel of one of its layers —
+    and return the names of the backbones that remain (None when the model is no hybrid).
+
+    With the closed gates at exactly zero, each backbone runs on the example and two random
+    images; one whose pooled output does not change (while it does with every gate open: the gates
+    made it constant, not an untrained network's vanishing signal) is removed from the hybrid, and
+    its constant contribution is folded into the fusion layer (``Hybrid.drop_backbones``): the network computes
+    what it computed up to the closed gates' own values. One backbone always stays. A backbone
+    holding a ``skip`` layer stays, and so does every backbone under ``max_layer_sparsity``
+    (dropping one removes all of its layers' channels).
+    """
+    hybrid = next((m for m in model.modules() if hasattr(m, "drop_backbones") and hasattr(m, "pooled_features")),
+                  None)
+    if hybrid is None:
+        return None
+    if (max_layer_sparsity is not None and max_layer_sparsity < 1) or len(hybrid.active) < 2:
+        return hybrid.backbones_remaining
+    open_of = {id(m): (m.values().detach() >= threshold) for m in hybrid.modules() if isinstance(m, ChannelGate)}
+
+    def gated(mask: torch.Tensor | None):
+        def hook(_mod, inp, out):
+            if mask is None:
+                return inp[0]  # every gate wide open
+            return out * mask.to(out.dtype).view([1, -1] + [1] * (out.dim() - 2))
+        return hook
+
+    gen = torch.Generator().manual_seed(0)
+    xs = torch.cat([example[:1], torch.randn((2, *example.shape[1:]), generator=gen).to(example)])
+    was = hybrid.training
+    hybrid.eval()
+    runs, handles = [], []
+    try:
+        for wide_open in (False, True):
+            for m in hybrid.modules():
+                if isinstance(m, ChannelGate):
+                    handles.append(m.register_forward_hook(gated(None if wide_open else open_of[id(m)])))
+                elif isinstance(m, GateMirror):
+                    mask = open_of.get(id(m.source))
+                    mask = mask if mask is not None else m.source.values().detach() >= threshold
+                    handles.append(m.register_forward_hook(gated(None if wide_open else mask)))
+            runs.append([f.flatten(1) for f in hybrid.pooled_features(xs)])
+            for h in handles:
+                h.remove()
+            handles = []
+    finally:
+        for h in handles:
+            h.remove()
+        hybrid.train(was)
+    feats, feats_open = runs
+
+    def variation(f: torch.Tensor) -> tuple[float, float]:
+        return float((f - f[:1]).abs().max()), float(f.abs().max())
+
+    skip_ids = {id(m) for m in skip or []}
+    drop = set()
+    for k, (i, f) in enumerate(zip(hybrid.active, feats)):
+        if any(id(m) in skip_ids for m in hybrid.backbones[i].modules()):
+            continue
+        var, scale = variation(f)
+        var_open, scale_open = variation(feats_open[k])
+        # constant with the closed gates at zero, and because of them: it varies with all gates open
+        if var <= CONSTANT_RTOL * scale and var_open > VARIES_RTOL * scale_open:
+            drop.add(i)
+    if len(drop) == len(hybrid.active):
+        drop.discard(hybrid.active[0])  # every backbone closed: the first one stays
+    hybrid.drop_backbones(drop, [f[0] for f in feats])
+    return hybrid.backbones_remaining
 
 
 def _channel_groups(group) -> int:

@@ -21,7 +21,8 @@ def lam_at(cfg: GateConfig, epoch: float, total_epochs: int) -> float:
                λ·(1 − (1 − t)³) with t rising from 0 to 1 over ``ramp_epochs``
                (default: the rest of training).
     """
-    lam, w = cfg.lam, cfg.warmup_epochs
+    lam = cfg.lam if cfg.lam is not None else 1.0
+    w = cfg.warmup_epochs
     if cfg.schedule == "constant":
         return lam
     if cfg.schedule == "linear":
@@ -37,6 +38,25 @@ def lam_at(cfg: GateConfig, epoch: float, total_epochs: int) -> float:
         t = min(1.0, (epoch - w) / ramp)
         return lam * (1.0 - (1.0 - t) ** 3)
     raise ValueError(f"unknown λ schedule {cfg.schedule!r}")
+
+
+def target_at(cfg: GateConfig, epoch: float, total_epochs: int) -> float:
+    """The MACs budget in force at ``epoch`` (budget mode): 1 (dense) during the ``warmup_epochs``,
+    then a linear ramp to ``target_macs`` over ``ramp_epochs`` (default: half the remaining epochs),
+    then ``target_macs`` until the end, so the last epochs train the final structure."""
+    if cfg.target_macs is None:
+        return 1.0
+    w = cfg.warmup_epochs
+    ramp = budget_in_force(cfg, total_epochs) - w
+    t = min(1.0, max(0.0, (epoch - w) / max(ramp, 1e-9)))
+    return 1.0 - (1.0 - cfg.target_macs) * t
+
+
+def budget_in_force(cfg: GateConfig, total_epochs: int) -> float:
+    """The epoch from which ``target_at`` holds the final budget."""
+    w = cfg.warmup_epochs
+    ramp = cfg.ramp_epochs if cfg.ramp_epochs is not None else max(total_epochs - w, 1e-9) / 2
+    return w + ramp
 
 
 def temperature_at(cfg: GateConfig, epoch: float, total_epochs: int) -> float:

@@ -26,10 +26,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from prunevision.budget import BudgetController, budget_for
 from prunevision.config import ExperimentConfig, from_dict
 from prunevision.data import Dataset, DeviceLoader
-from prunevision.gates import gate_parameters, gate_stats, penalty, set_temperature
-from prunevision.schedules import lam_at, lr_at, temperature_at
+from prunevision.gates import clamp_scores, gate_parameters, gate_stats, penalty, set_temperature
+from prunevision.schedules import budget_in_force, lam_at, lr_at, target_at, temperature_at
 
 CHECKPOINT_FORMAT = "prunevision-train-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -52,6 +53,7 @@ class TrainState:
     epoch: int = 0  # completed epochs
     image_size: int = 32
     history: list[dict[str, Any]] = field(default_factory=list)
+    budget: BudgetController | None = None
 
     def save(self, path: str | Path) -> Path:
         """Write a checkpoint (tensors and plain values only: ``torch.load(weights_only=True)``)."""
@@ -69,6 +71,7 @@ class TrainState:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "gate_optimizer": self.gate_optimizer.state_dict() if self.gate_optimizer else None,
+            "budget": self.budget.state_dict() if self.budget is not None else None,
             "rng": torch.get_rng_state(),
         }
         tmp = path.with_suffix(".pt.tmp")
@@ -127,8 +130,46 @@ def make_optimizers(
     else:
         opt = torch.optim.AdamW(groups, lr=cfg.train.lr)
     gate_params = gate_parameters(model)
-    gate_opt = torch.optim.Adam(gate_params, lr=cfg.gates.lr) if gate_params else None
-    return opt, gate_opt
+    if not gate_params:
+        return opt, None
+    if cfg.gates.kind == "sigmoid":
+        return opt, torch.optim.Adam(gate_params, lr=cfg.gates.lr)
+    return opt, NormalizedSGD(gate_params, lr=cfg.gates.lr)
+
+
+class NormalizedSGD(torch.optim.Optimizer):
+    """SGD with momentum on the gradient divided by its root mean square over *all* gate scores.
+
+    Hard gates need the size of each gate's gradient to matter: a channel stays open when what it
+    is worth to the task outweighs λ times what it costs, the economics of a Lagrangian. Adam
+    normalises every score by its own history, so under a common budget pressure every gate moves
+    at the same speed and they close together; one global scale keeps the comparison between
+    gates and still makes the step size independent of the model (``lr`` = the mean step).
+    """
+
+    def __init__(self, params, lr: float, momentum: float = 0.9):
+        super().__init__(params, {"lr": lr, "momentum": momentum})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not grads:
+            return None
+        n = sum(gr.numel() for gr in grads)
+        rms = torch.sqrt(sum((gr.float() ** 2).sum() for gr in grads) / n).clamp_min(1e-12)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                buf = state.get("momentum_buffer")
+                d = p.grad / rms
+                if buf is None:
+                    buf = state["momentum_buffer"] = d.clone()
+                else:
+                    buf.mul_(group["momentum"]).add_(d)
+                p.add_(buf, alpha=-group["lr"] * (1 - group["momentum"]))
+        return None
 
 
 @torch.no_grad()
@@ -164,11 +205,13 @@ def fit(
     reporter: Reporter | None = None,
     resume: dict[str, Any] | None = None,
     log: Callable[[str], None] | None = None,
+    teacher: nn.Module | None = None,
 ) -> TrainState:
     """Train ``model`` under the gate penalty for ``cfg.train.epochs`` epochs.
 
     ``resume`` is a checkpoint from :func:`load_checkpoint`: training goes on after its last
     completed epoch with the same optimiser state, so no finished epoch is repeated.
+    ``teacher``: a network whose softened outputs the model learns too (``prune.distill``).
     """
     dev = data.train_x.device
     amp = cfg.train.amp if cfg.train.amp is not None else dev.type == "cuda"
@@ -177,7 +220,10 @@ def fit(
     if channels_last:
         model.to(memory_format=torch.channels_last)
     opt, gate_opt = make_optimizers(model, cfg)
-    state = TrainState(model, opt, gate_opt, cfg, image_size=data.image_size)
+    # budget mode: λ is a Lagrange multiplier that training adjusts (raises BudgetError before any
+    # training when the width floor alone is over budget)
+    budget = budget_for(model, cfg, data.image_size, dev) if gate_opt is not None else None
+    state = TrainState(model, opt, gate_opt, cfg, image_size=data.image_size, budget=budget)
     if resume is not None:
         _restore(state, resume)
     g_cfg, t_cfg = cfg.gates, cfg.train
@@ -185,6 +231,9 @@ def fit(
                                 augment=cfg.data.augment, seed=cfg.seed, channels_last=channels_last)
     test_loader = DeviceLoader(data.test_x, data.test_y, cfg.data.eval_batch_size, data.mean, data.std,
                                train=False, channels_last=channels_last)
+    # the validation split is what selection sees; without one (data.val_split 0) the test split stands in
+    val_loader = DeviceLoader(data.val_x, data.val_y, cfg.data.eval_batch_size, data.mean, data.std,
+                              train=False, channels_last=channels_last) if data.has_val else None
     steps = len(train_loader)
     total_steps = steps * t_cfg.epochs
     interactive = sys.stderr.isatty()
@@ -203,13 +252,23 @@ def fit(
             lr = lr_at(t_cfg, epoch * steps + step, total_steps)
             for group in opt.param_groups:
                 group["lr"] = lr
+            if isinstance(gate_opt, NormalizedSGD):  # hard gates settle as the learning rate anneals
+                for group in gate_opt.param_groups:
+                    group["lr"] = g_cfg.lr * lr / t_cfg.lr
             if g_cfg.temperature_final is not None:
                 set_temperature(model, temperature_at(g_cfg, t_epoch, t_cfg.epochs))
             with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=amp):
                 out = model(x)
             task = F.cross_entropy(out.float(), y, label_smoothing=t_cfg.label_smoothing)
-            pen = penalty(model, g_cfg.penalty) if gate_opt is not None else torch.zeros((), device=dev)
-            loss = task + lam * pen
+            if teacher is not None:
+                task = distill_loss(task, out, teacher, x, cfg.prune.distill, cfg.prune.distill_temperature, amp)
+            if budget is not None:
+                pen = budget.loss(target_at(g_cfg, t_epoch, t_cfg.epochs))
+                loss = task + pen
+                budget.zero_grad()
+            else:
+                pen = penalty(model, g_cfg.penalty) if gate_opt is not None else torch.zeros((), device=dev)
+                loss = task + lam * pen
             opt.zero_grad(set_to_none=True)
             if gate_opt is not None:
                 gate_opt.zero_grad(set_to_none=True)
@@ -219,24 +278,34 @@ def fit(
             opt.step()
             if gate_opt is not None:
                 gate_opt.step()
+                clamp_scores(model)
+            if budget is not None:
+                budget.step()
             task_sum += task.detach() * len(y)
             pen_sum += pen.detach() * len(y)
             correct += (out.argmax(1) == y).sum()
             seen += len(y)
+        if budget is not None and epoch + 1 >= budget_in_force(g_cfg, t_cfg.epochs):
+            settled = budget.settle(g_cfg.target_macs, budget.SETTLE_TOLERANCE)
+            if settled is not None and log:
+                log(f"budget: gates projected onto {g_cfg.target_macs:g} of the MACs (now {settled:.3f})")
         if not math.isfinite(task_sum.item()):
             raise FloatingPointError(f"training diverged in epoch {epoch + 1} (loss is not finite); lower train.lr")
         train_time = time.perf_counter() - t0
         ev = evaluate(model, test_loader, data.num_classes, amp=amp)
-        stats = gate_stats(model, cfg.prune.threshold)
+        ev_val = evaluate(model, val_loader, data.num_classes, amp=amp) if val_loader is not None else ev
+        stats = gate_stats(model, cfg.tau)
         record = {
             "epoch": epoch + 1,
             "task_loss": task_sum.item() / max(seen, 1),
             "penalty": pen_sum.item() / max(seen, 1),
-            "lam": lam_at(g_cfg, epoch + 1, t_cfg.epochs),
+            "lam": budget.lam if budget is not None else lam_at(g_cfg, epoch + 1, t_cfg.epochs),
             "lr": lr,
             "temperature": temperature_at(g_cfg, epoch + 1, t_cfg.epochs),
             "train_accuracy": correct.item() / max(seen, 1),
-            "test_accuracy": ev["accuracy"],
+            "val_accuracy": ev_val["accuracy"],
+            "val_loss": ev_val["loss"],
+            "test_accuracy": ev["accuracy"],  # reported, never chosen on
             "test_loss": ev["loss"],
             "mean_gate": stats["all"]["mean"],
             "gates_below_threshold": stats["all"]["below_threshold"],
@@ -245,18 +314,35 @@ def fit(
             "epoch_time_s": train_time,
             "images_per_s": seen / train_time if train_time > 0 else float("nan"),
         }
+        if budget is not None:
+            record["macs_share"] = budget.macs.hard_share()
+            record["target_macs_now"] = target_at(g_cfg, epoch + 1, t_cfg.epochs)
         state.epoch = epoch + 1
         state.history.append(record)
         if log:
             gates = (f"mean gate {record['mean_gate']:.3f}  closed {record['gates_below_threshold']:.1%}  "
                      f"λ {record['lam']:.3g}  ") if gate_opt is not None else ""
+            if budget is not None:
+                gates += f"MACs {record['macs_share']:.3f} (budget {record['target_macs_now']:.3f})  "
+            acc = f"val acc {record['val_accuracy']:.4f}  " if val_loader is not None else ""
             log(
                 f"epoch {epoch + 1}/{t_cfg.epochs}  loss {record['task_loss']:.3f}  "
-                f"acc {record['test_accuracy']:.4f}  {gates}{record['images_per_s']:.0f} img/s"
+                f"{acc}test acc {record['test_accuracy']:.4f}  {gates}{record['images_per_s']:.0f} img/s"
             )
         if reporter is not None:
             reporter(dict(record), state.save)
     return state
+
+
+def distill_loss(task: torch.Tensor, out: torch.Tensor, teacher: nn.Module, x: torch.Tensor, alpha: float,
+                 temperature: float, amp: bool) -> torch.Tensor:
+    """(1 − α)·CE(labels) + α·T²·KL(softmax(teacher/T) ‖ softmax(student/T)) (Hinton et al.)."""
+    teacher.eval()
+    with torch.no_grad(), torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=amp):
+        t_out = teacher(x)
+    kd = F.kl_div(F.log_softmax(out.float() / temperature, dim=1), F.softmax(t_out.float() / temperature, dim=1),
+                  reduction="batchmean") * temperature ** 2
+    return (1.0 - alpha) * task + alpha * kd
 
 
 def _progress(loader: DeviceLoader, interactive: bool, desc: str):
@@ -278,6 +364,8 @@ def _restore(state: TrainState, ckpt: dict[str, Any]) -> None:
     state.optimizer.load_state_dict(ckpt["optimizer"])
     if state.gate_optimizer is not None and ckpt.get("gate_optimizer") is not None:
         state.gate_optimizer.load_state_dict(ckpt["gate_optimizer"])
+    if state.budget is not None and ckpt.get("budget") is not None:
+        state.budget.load_state_dict(ckpt["budget"])
     state.epoch = int(ckpt["epoch"])
     state.history = list(ckpt["history"])
     if isinstance(ckpt.get("rng"), torch.Tensor):

@@ -39,6 +39,7 @@ from prunevision.prune import (
 from prunevision.train import evaluate, fit
 
 
+@torch.no_grad()
 def gate_sparsity(model: nn.Module, threshold: float) -> float:
     """Share of channel gates under τ (weight gates when the model has no channel gates)."""
     chan = [m.values().detach().reshape(-1) for _, m in iter_gates(model) if isinstance(m, ChannelGate)]
@@ -50,15 +51,20 @@ def gate_sparsity(model: nn.Module, threshold: float) -> float:
 
 
 def finetune(model: nn.Module, data: Dataset, cfg: ExperimentConfig, epochs: int, *, penalty: bool, phase: str,
-             log: Callable[[str], None] | None) -> list[dict[str, Any]]:
-    """Train a (pruned) model for a few epochs: under the gate penalty between iterative gate
-    steps, without it (and without gates) after the last step."""
-    ft = cfg.replace(**{
+             log: Callable[[str], None] | None, teacher: nn.Module | None = None) -> list[dict[str, Any]]:
+    """Train a (pruned) model for a few epochs: under the gate penalty (or the budget, held at its
+    final value) between iterative gate steps, without it (and without gates) after the last step.
+    ``teacher`` (the dense network) is distilled into the model when ``prune.distill`` > 0."""
+    over: dict[str, Any] = {
         "train.epochs": epochs, "train.lr": cfg.prune.finetune_lr, "train.lr_schedule": "cosine",
         "gates.schedule": "constant", "gates.lam": cfg.gates.lam if penalty else 0.0,
         "gates.temperature_final": None,
-    })
-    state = fit(model, data, ft, log=(lambda m: log(f"[{phase}] {m}")) if log else None)
+    }
+    if penalty and cfg.gates.target_macs is not None:
+        over.update({"gates.warmup_epochs": 0.0, "gates.ramp_epochs": 1e-6})
+    ft = cfg.replace(**over)
+    state = fit(model, data, ft, log=(lambda m: log(f"[{phase}] {m}")) if log else None,
+                teacher=teacher if cfg.prune.distill > 0 else None)
     return [dict(r, phase=phase) for r in state.history]
 
 
@@ -78,6 +84,28 @@ def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
         timings[key] += time.perf_counter() - t0
 
 
+def ratio_for_budget(model: nn.Module, example: torch.Tensor, cfg: ExperimentConfig, calibration,
+                     iterations: int = 12) -> float:
+    """Baselines under a MACs budget: the pruning ratio whose one-shot pruned network keeps
+    ``gates.target_macs`` of the MACs, by bisection on copies of the model."""
+    p, budget = cfg.prune, cfg.gates.target_macs
+    size = example.shape[-1]
+    dense = macs_and_params(copy.deepcopy(model).cpu(), size)[0]
+    lo, hi = 0.0, 0.95
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        m = copy.deepcopy(model)
+        prune_step(m, example, p.method, threshold=cfg.tau, ratio=mid, round_to=p.round_to,
+                   min_channels=p.min_channels, max_layer_sparsity=p.max_layer_sparsity, calibration=calibration,
+                   skip_first=p.skip_first)
+        share = macs_and_params(m.cpu(), size)[0] / dense
+        if share > budget:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
 def prune_at_ratios(model: nn.Module, data: Dataset, cfg: ExperimentConfig, out: Path,
                     log: Callable[[str], None] | None) -> list[dict[str, Any]]:
     """Each of prune.ratios from a copy of the one trained model: its own pruned model, ONNX files
@@ -94,7 +122,8 @@ def prune_at_ratios(model: nn.Module, data: Dataset, cfg: ExperimentConfig, out:
         m = prune_and_measure(copy.deepcopy(model), data, sub, d, log=log)
         write_json(d / "metrics.json", m)
         rows.append({"ratio": r, "dir": str(d), **{k: m[k] for k in (
-            "accuracy", "accuracy_before_finetune", "accuracy_dense", "param_sparsity", "macs_reduction",
+            "accuracy", "accuracy_before_finetune", "accuracy_dense", "val_accuracy", "val_accuracy_dense",
+            "param_sparsity", "macs_reduction",
             "latency_ms", "latency_speedup", "size_bytes") if k in m}})
     return rows
 
@@ -107,13 +136,17 @@ def prune_and_measure(model: nn.Module, data: Dataset, cfg: ExperimentConfig, ou
     tm = {"prune_s": 0.0, "finetune_s": 0.0, "evaluate_s": 0.0, "measure_s": 0.0, "export_s": 0.0}
     dev = data.train_x.device
     test = DeviceLoader(data.test_x, data.test_y, cfg.data.eval_batch_size, data.mean, data.std, train=False)
+    # the validation split (None without one: val_accuracy is then the test accuracy)
+    val = DeviceLoader(data.val_x, data.val_y, cfg.data.eval_batch_size, data.mean, data.std,
+                       train=False) if data.has_val else None
     model = model.to(memory_format=torch.contiguous_format)
-    write_gate_histogram(model, p.threshold, out / "gate_histogram.png")
-    g_sparsity = gate_sparsity(model, p.threshold)
+    write_gate_histogram(model, cfg.tau, out / "gate_histogram.png")
+    g_sparsity = gate_sparsity(model, cfg.tau)
 
     dense = strip_gates(copy.deepcopy(model))  # the trained network, gates folded in, nothing removed
     with _timed(tm, "evaluate_s"):
         ev_dense = evaluate(dense, test, data.num_classes)
+        val_dense = evaluate(dense, val, data.num_classes)["accuracy"] if val is not None else ev_dense["accuracy"]
 
     pruned = model
     conv0 = first_conv(model)
@@ -126,16 +159,22 @@ def prune_and_measure(model: nn.Module, data: Dataset, cfg: ExperimentConfig, ou
     example = torch.zeros(1, 3, size, size, device=dev)
     history: list[dict[str, Any]] = []
     report = PruneReport(p.method)
-    ratio = step_ratio(p.target_sparsity, p.steps) if p.target_sparsity is not None else 0.0
     if p.method != "gate":
         strip_gates(pruned)
+    target = p.target_sparsity
+    if p.method != "gate" and target is None and cfg.gates.target_macs is not None:
+        with _timed(tm, "prune_s"):
+            target = ratio_for_budget(pruned, example, cfg, calibration_batches(data, cfg))
+        if log:
+            log(f"{p.method}: pruning ratio {target:.3f} meets the MACs budget {cfg.gates.target_macs:g}")
+    ratio = step_ratio(target, p.steps) if target is not None else 0.0
     for step in range(p.steps):
         if p.method == "gate" and step > 0 and p.finetune_epochs > 0:
             with _timed(tm, "finetune_s"):
-                history += finetune(pruned, data, cfg, p.finetune_epochs, penalty=True,
+                history += finetune(pruned, data, cfg, p.finetune_epochs, penalty=True, teacher=dense,
                                     phase=f"gate-step{step + 1}", log=log)
         with _timed(tm, "prune_s"):
-            rep = prune_step(pruned, example, p.method, threshold=p.threshold, ratio=ratio, round_to=p.round_to,
+            rep = prune_step(pruned, example, p.method, threshold=cfg.tau, ratio=ratio, round_to=p.round_to,
                              min_channels=p.min_channels, max_layer_sparsity=p.max_layer_sparsity,
                              calibration=calibration_batches(data, cfg), skip_first=p.skip_first)
         report.merge(rep)
@@ -149,11 +188,11 @@ def prune_and_measure(model: nn.Module, data: Dataset, cfg: ExperimentConfig, ou
             log(f"prune step {step + 1}/{p.steps} ({p.method}): {rep.channels_removed} channels/weights removed")
         if p.method != "gate" and step < p.steps - 1 and p.finetune_epochs > 0:
             with _timed(tm, "finetune_s"):
-                history += finetune(pruned, data, cfg, p.finetune_epochs, penalty=False,
+                history += finetune(pruned, data, cfg, p.finetune_epochs, penalty=False, teacher=dense,
                                     phase=f"finetune-step{step + 1}", log=log)
     if p.method == "gate":
         with _timed(tm, "prune_s"):
-            strip_gates(pruned, p.threshold)
+            strip_gates(pruned, cfg.tau)
             keep_zeros(pruned)  # closed weight gates stay zero through fine-tuning
     if w0 is not None:
         kept = np.zeros(w0.shape[0], dtype=bool)
@@ -163,10 +202,12 @@ def prune_and_measure(model: nn.Module, data: Dataset, cfg: ExperimentConfig, ou
         acc_before_ft = evaluate(pruned, test, data.num_classes)["accuracy"]
     if p.finetune_epochs > 0:
         with _timed(tm, "finetune_s"):
-            history += finetune(pruned, data, cfg, p.finetune_epochs, penalty=False, phase="finetune", log=log)
+            history += finetune(pruned, data, cfg, p.finetune_epochs, penalty=False, phase="finetune", log=log,
+                                teacher=dense)
     remove_masks(pruned)
     with _timed(tm, "evaluate_s"):
         ev = evaluate(pruned, test, data.num_classes)
+        val_acc = evaluate(pruned, val, data.num_classes)["accuracy"] if val is not None else ev["accuracy"]
 
     dense, pruned = dense.cpu().eval(), pruned.cpu().eval()
     with _timed(tm, "measure_s"):
@@ -176,11 +217,13 @@ def prune_and_measure(model: nn.Module, data: Dataset, cfg: ExperimentConfig, ou
         size_p, gz_p = size_on_disk(pruned)
         save_pruned(pruned, out / "pruned.safetensors", cfg.model, data.num_classes, size,
                     extra={"method": p.method, "mean": list(data.mean), "std": list(data.std),
-                           "classes": list(data.classes), "accuracy": ev["accuracy"]})
+                           "classes": list(data.classes), "accuracy": ev["accuracy"], "val_accuracy": val_acc})
         metrics: dict[str, Any] = {
             "method": p.method,
-            "accuracy": ev["accuracy"],
+            "accuracy": ev["accuracy"],  # test split: reported, never chosen on
             "accuracy_dense": ev_dense["accuracy"],
+            "val_accuracy": val_acc,  # validation split (the test split when data.val_split is 0)
+            "val_accuracy_dense": val_dense,
             "accuracy_before_finetune": acc_before_ft,
             "per_class_accuracy": data.per_class(ev["per_class_accuracy"]),
             "per_class_accuracy_dense": data.per_class(ev_dense["per_class_accuracy"]),
@@ -188,6 +231,9 @@ def prune_and_measure(model: nn.Module, data: Dataset, cfg: ExperimentConfig, ou
             "macs": macs_p, "macs_dense": macs_d,
             "param_sparsity": 1.0 - params_p / params_d,
             "macs_reduction": macs_d / max(macs_p, 1),
+            "macs_share": macs_p / max(macs_d, 1),  # achieved budget
+            "target_macs": cfg.gates.target_macs,  # requested budget (None: λ mode or a baseline ratio)
+            "gate_kind": cfg.gates.kind,
             "gate_sparsity": g_sparsity,
             "zero_fraction": zero_fraction(pruned),
             "size_bytes": size_p, "size_gzip_bytes": gz_p,
@@ -196,6 +242,8 @@ def prune_and_measure(model: nn.Module, data: Dataset, cfg: ExperimentConfig, ou
             "prune_history": history,
             "input": {"size": size, "mean": list(data.mean), "std": list(data.std), "layout": "NCHW float32"},
         }
+        if getattr(pruned, "backbones_remaining", None) is not None:  # the hybrid: which backbones still run
+            metrics["hybrid_backbones"] = list(pruned.backbones_remaining)
     if m_cfg.export:
         with _timed(tm, "export_s"):
             # real test images, normalised by the same loader that feeds evaluation
@@ -235,7 +283,8 @@ def prune_and_measure(model: nn.Module, data: Dataset, cfg: ExperimentConfig, ou
         plot_ratio_curve(ratio_rows + [{"ratio": p.target_sparsity, **{k: metrics.get(k) for k in (
             "accuracy", "accuracy_before_finetune", "latency_speedup")}}], p.method, out / "ratio_curve.png")
     if log:
-        msg = (f"pruned ({p.method}): accuracy {ev['accuracy']:.4f} (dense {ev_dense['accuracy']:.4f}), "
+        msg = (f"pruned ({p.method}): val accuracy {val_acc:.4f} (dense {val_dense:.4f}), test accuracy "
+               f"{ev['accuracy']:.4f} (dense {ev_dense['accuracy']:.4f}), "
                f"params {params_p / 1e6:.3f} M of {params_d / 1e6:.3f} M, MACs {macs_p / 1e6:.1f} M of "
                f"{macs_d / 1e6:.1f} M")
         if "latency_speedup" in metrics:

@@ -18,7 +18,8 @@ from analysis.results import load_ray, load_sweep, read_state
 from prunevision.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-OBJ = {"accuracy": "max", "param_sparsity": "max", "latency_ms": "min"}
+OBJ = {"val_accuracy": "max", "param_sparsity": "max", "latency_ms": "min"}  # what the shipped sweeps use
+TEST_OBJ = {"accuracy": "max", "param_sparsity": "max", "latency_ms": "min"}  # sweeps from before val_split
 
 
 def _env(tmp: Path) -> dict:
@@ -75,6 +76,8 @@ def test_analyze_writes_report_and_logs_to_the_parent_run(sweep, tracking, tmp_p
     front = pd.read_csv(out / "pareto.csv", dtype={"trial_id": str})
     done = trials[trials["status"] == "complete"].reset_index(drop=True)
     assert sorted(front["trial_id"]) == sorted(done[nondominated_ranks(done, OBJ) == 0]["trial_id"])
+    # chosen on the validation split; the test accuracy is shown next to it
+    assert list(front.columns[1:3]) == ["val_accuracy", "accuracy"] and front["accuracy"].notna().all()
     assert front["latency_remeasured"].all()  # the front's latency was measured again
     assert (front["latency_ms_trial"] > 0).all()
     for cmd in front["reproduce"]:  # each front point can be reproduced from a saved config
@@ -84,6 +87,9 @@ def test_analyze_writes_report_and_logs_to_the_parent_run(sweep, tracking, tmp_p
     assert all(t in html for t in front["trial_id"])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["trials"] == {"complete": 4} and summary["hypervolume"] > 0
+    assert summary["selection_accuracy"] == "val_accuracy" and summary["chosen"]["accuracy"] is not None
+    md = (out / "report.md").read_text()
+    assert "top-1 accuracy (validation, chosen on)" in md and "top-1 accuracy (test, reported)" in md
     from mlflow.tracking import MlflowClient
 
     c = MlflowClient(tracking["tracking_uri"])
@@ -103,9 +109,11 @@ def test_export_verifies_writes_a_card_and_registers_champion(sweep, tracking, t
                  "--registered-model", "smoke-model"]) == 0
     assert "alias @champion" in capsys.readouterr().out
     card = json.loads((out.parent / "model.json").read_text())
-    df = load_ray(sweep)
-    best = df.loc[df["accuracy"].idxmax()]
-    assert card["source"]["trial_id"] == best["trial_id"] and not card["source"]["retrained"]
+    df = load_ray(sweep).set_index("trial_id")
+    # max-accuracy: the best validation accuracy (ties possible on a tiny split), not the best test accuracy
+    assert df.loc[card["source"]["trial_id"], "val_accuracy"] == df["val_accuracy"].max()
+    assert not card["source"]["retrained"] and card["selection"]["accuracy"] == "val_accuracy"
+    assert {"val_accuracy", "accuracy"} <= set(card["metrics"])
     assert card["verification"]["passed"] and card["verification"]["max_abs_diff"] <= 1e-4
     assert card["verification"]["real_images"]
     assert card["source"]["mlflow_run_id"] and card["registry"]["version"] == "1"
@@ -193,6 +201,7 @@ def test_unfinished_trials_are_counted_and_kept_off_the_front(sweep, tmp_path, c
 
 
 def test_choose_strategies_and_bounds():
+    OBJ = TEST_OBJ  # a sweep without a validation split: chosen on the test accuracy
     df = pd.DataFrame({"trial_id": list("abcde"), "status": ["complete"] * 4 + ["stopped"],
                        "accuracy": [0.9, 0.8, 0.7, 0.85, 0.99], "param_sparsity": [0.1, 0.5, 0.9, 0.5, 0.99],
                        "latency_ms": [3.0, 2.0, 1.0, 2.5, 0.1]})
@@ -205,6 +214,28 @@ def test_choose_strategies_and_bounds():
         choose(df, OBJ, "knee", make_bounds(max_latency_ms=0.5))
     with pytest.raises(ConstraintError, match="fraction"):
         make_bounds(min_accuracy=85)
+
+
+def test_choose_on_val_accuracy_when_the_trials_report_it():
+    from analysis.choose import accuracy_column, selection_objectives
+
+    df = pd.DataFrame({"trial_id": list("abcd"), "status": ["complete"] * 4,
+                       "val_accuracy": [0.80, 0.90, 0.70, 0.85], "accuracy": [0.95, 0.80, 0.70, 0.90],
+                       "param_sparsity": [0.5, 0.5, 0.9, 0.6], "latency_ms": [2.0, 2.0, 1.0, 1.8]})
+    assert accuracy_column(df) == "val_accuracy" and accuracy_column(df.drop(columns="val_accuracy")) == "accuracy"
+    assert choose(df, OBJ, "max-accuracy")["trial_id"] == "b"  # the best test accuracy (a) is not chosen
+    # an old sweep file's test-accuracy objective is read as val_accuracy where the trials report it
+    assert selection_objectives(TEST_OBJ, df) == OBJ and list(selection_objectives(TEST_OBJ, df)) == list(OBJ)
+    assert choose(df, TEST_OBJ, "max-accuracy")["trial_id"] == "b"
+    assert choose(df, TEST_OBJ, "knee")["trial_id"] == choose(df, OBJ, "knee")["trial_id"]
+    # --min-accuracy bounds the validation accuracy: only b (0.90) passes 0.88, though a and d pass on test
+    assert choose(df, OBJ, "max-sparsity", make_bounds(min_accuracy=0.88))["trial_id"] == "b"
+    with pytest.raises(ConstraintError, match="val_accuracy >= 0.95"):
+        choose(df, OBJ, "knee", make_bounds(min_accuracy=0.95))
+    # without val_accuracy (older sweeps) everything falls back to the test accuracy
+    old = df.drop(columns="val_accuracy")
+    assert choose(old, TEST_OBJ, "max-accuracy")["trial_id"] == "a"
+    assert choose(old, TEST_OBJ, "max-sparsity", make_bounds(min_accuracy=0.88))["trial_id"] == "d"
 
 
 def test_frontier_quality_benchmark_smoke(sweep, tracking, tmp_path):

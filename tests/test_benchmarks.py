@@ -50,3 +50,15 @@ def test_search_efficiency_benchmark_smoke(tmp_path):
         hv = r["hypervolume"]
         assert len(hv) == 3 and all(b >= a for a, b in zip(hv, hv[1:]))  # hypervolume never falls
         assert all(0 <= t["values"][0] <= 1 and 0 < t["values"][2] <= 1 for t in r["trials"])
+
+
+def test_budget_control_benchmark_smoke(tmp_path):
+    out = tmp_path / "b.json"
+    md = tmp_path / "RESULTS.md"
+    _run([str(ROOT / "benchmarks" / "budget_control.py"), "--smoke-test", "--budgets", "0.5", "--out", str(out),
+          "--results-md", str(md)], tmp_path)
+    res = json.loads(out.read_text())
+    (run,) = res["runs"]
+    assert run["budget"] == 0.5 and 0 < run["achieved"] <= 1
+    assert abs(run["pruned"] - run["gated"]) < 1e-9  # hard gates: the gated network is the pruned one
+    assert not md.exists()

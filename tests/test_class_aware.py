@@ -26,9 +26,11 @@ SMOKE = {"data": {"name": "synthetic", "num_classes": 5, "synthetic_train": 160,
 
 
 def test_class_subset_renumbers_and_the_head_outputs_only_those_classes(tmp_path):
-    full = load_dataset(DataConfig(name="synthetic", num_classes=5, synthetic_train=100, synthetic_test=50))
+    # no validation split: the selected training images are exactly the full set's of those classes
+    full = load_dataset(DataConfig(name="synthetic", num_classes=5, synthetic_train=100, synthetic_test=50,
+                                   val_split=0))
     sub = load_dataset(DataConfig(name="synthetic", num_classes=5, synthetic_train=100, synthetic_test=50,
-                                  classes=("class_3", "1")))  # by name and by index
+                                  classes=("class_3", "1"), val_split=0))  # by name and by index
     assert sub.classes == ("class_3", "class_1") and sub.num_classes == 2
     assert len(sub.train_y) == int(((full.train_y == 3) | (full.train_y == 1)).sum())
     assert set(sub.train_y.tolist()) == {0, 1}
@@ -174,11 +176,13 @@ def write_gtsrb(root, classes=(0, 1, 2), per_class=5, sizes=((30, 34), (41, 37))
 def test_gtsrb_through_torchvision_layout(tmp_path):
     root = write_gtsrb(tmp_path / "data")
     ds = load_dataset(DataConfig(name="gtsrb", root=str(root), download=False, image_size=24))
-    assert ds.train_x.shape == (15, 3, 24, 24) and ds.test_x.shape == (6, 3, 24, 24)
+    # 15 training images: 2 held out as the validation split (data.val_split 0.1, rounded)
+    assert ds.train_x.shape == (13, 3, 24, 24) and ds.val_x.shape == (2, 3, 24, 24)
+    assert ds.test_x.shape == (6, 3, 24, 24)
     assert ds.num_classes == 43 and sorted(set(ds.train_y.tolist())) == [0, 1, 2]
     assert ds.test_y.tolist() == [0, 1, 2, 0, 1, 2]
     sub = load_dataset(DataConfig(name="gtsrb", root=str(root), download=False, classes=("2", "0")))
-    assert sub.classes == ("2", "0") and sub.image_size == 32 and len(sub.train_y) == 10
+    assert sub.classes == ("2", "0") and sub.image_size == 32 and len(sub.train_y) + len(sub.val_y) == 10
     with pytest.raises(DatasetError, match="no GTSRB train split"):
         load_dataset(DataConfig(name="gtsrb", root=str(tmp_path / "nothing"), download=False))
 
@@ -191,7 +195,7 @@ def test_large_imagefolder_images_stream_through_a_dataloader(tmp_path):
     root = write_imagefolder(tmp_path / "big", per_class=6, size=96)
     ds = load_dataset(DataConfig(name="imagefolder", root=str(root), workers=2, classes=("cat", "frog")))
     assert isinstance(ds.train_x, ImageFiles) and ds.image_size == 96 and ds.classes == ("cat", "frog")
-    assert len(ds.train_x) == len(ds.train_y) == 12
+    assert len(ds.train_x) == len(ds.train_y) == 11 and len(ds.val_x) == len(ds.val_y) == 1  # 12, 10 % held out
     loader = DeviceLoader(ds.train_x, ds.train_y, 5, ds.mean, ds.std, train=True, seed=1)
     assert isinstance(loader, FileLoader) and len(loader) == 2
     batches = list(loader)

@@ -12,7 +12,8 @@ from prunevision.cli import main
 
 FAST = ["--set", "measure.exporter=torchscript"]
 
-METRIC_KEYS = ("accuracy", "accuracy_dense", "per_class_accuracy", "params", "params_dense", "macs", "macs_dense",
+METRIC_KEYS = ("accuracy", "accuracy_dense", "val_accuracy", "val_accuracy_dense", "per_class_accuracy", "params",
+               "params_dense", "macs", "macs_dense",
                "param_sparsity", "gate_sparsity", "size_bytes", "size_gzip_bytes", "latency_ms", "latency_ms_dense",
                "latency_speedup", "onnx_max_abs_diff", "method", "history", "mean_gate", "gates", "config")
 
@@ -72,7 +73,8 @@ def test_smoke_test_on_user_data_uses_a_subset(tmp_path):
                "--set", "data.download=false", "--set", "prune.steps=2", *FAST])
     assert rc == 0
     m = json.loads((out / "metrics.json").read_text())
-    assert m["dataset"]["name"] == "cifar10" and m["dataset"]["train_images"] == 128
+    assert m["dataset"]["name"] == "cifar10" and m["dataset"]["train_images"] + m["dataset"]["val_images"] == 128
+    assert m["dataset"]["val_images"] == 13  # data.val_split 0.1 of the subset
     assert m["dataset"]["test_images"] == 64
     assert [r.get("phase") for r in m["history"]] == [None, "gate-step2", "finetune"]  # iterative gate steps
 

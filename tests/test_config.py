@@ -10,6 +10,7 @@ def test_defaults_and_required_keys():
                 "gates.penalty", "gates.schedule", "prune.method", "prune.threshold", "prune.steps",
                 "prune.target_sparsity"]:
         assert key in flat, key
+    assert flat["data.val_split"] == 0.1  # a validation split unless asked otherwise
 
 
 def test_yaml_plus_overrides(tmp_path):
@@ -42,6 +43,9 @@ def test_yaml_plus_overrides(tmp_path):
         ("gates.penalty=l2", "gates.penalty"),
         ("prune.method=magic", "prune.method"),
         ("data.augment=maybe", "data.augment: expected true or false"),
+        ("data.val_split=0.6", "data.val_split: 0.6 is out of range [0.0, 0.5]"),
+        ("data.val_split=-0.1", "data.val_split: -0.1 is out of range [0.0, 0.5]"),
+        ("data.val_split=most", "data.val_split: expected a number"),
         ("gates=3", "gates: expected a mapping"),
     ],
 )

@@ -4,7 +4,7 @@ import torchvision
 from torch import nn
 
 from prunevision.config import ConfigError, GateConfig, ModelConfig
-from prunevision.gates import ChannelGate, PrunableLinear, iter_gates
+from prunevision.gates import ChannelGate, GateMirror, PrunableLinear, iter_gates
 from prunevision.models import PretrainedWeightsError, build_gated_model, create_model, list_models
 
 EXTRA_TORCHVISION = ["torchvision:regnet_x_400mf", "torchvision:mnasnet0_5", "torchvision:squeezenet1_1",
@@ -64,7 +64,9 @@ def test_depthwise_follows_producer():
     block = model.features[2].conv  # expand 1x1 → depthwise 3x3 → project 1x1
     assert isinstance(block[0][1][1], ChannelGate)  # expand: gated after its BN
     dw_norm = block[1][1]
-    assert isinstance(dw_norm, nn.BatchNorm2d)  # depthwise: no gate (its channels are the producer's)
+    # depthwise: no gate of its own (its channels are the producer's), a mirror of the producer's
+    assert isinstance(dw_norm[0], nn.BatchNorm2d) and isinstance(dw_norm[1], GateMirror)
+    assert dw_norm[1].source is block[0][1][1]
     assert isinstance(block[3], nn.Sequential) and isinstance(block[3][1], ChannelGate)
 
 

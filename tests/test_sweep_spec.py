@@ -19,6 +19,7 @@ def test_shipped_sweep_files_parse():
     for f in sorted(Path(__file__).resolve().parents[1].glob("sweeps/configs/*.yaml")):
         s = load_sweep(f)
         assert s.space and s.objectives
+        assert "val_accuracy" in s.objectives and "accuracy" not in s.objectives, f  # never the test split
 
 
 @pytest.mark.parametrize(
@@ -82,6 +83,16 @@ def test_conditional_parameters_only_with_their_choice():
         assert ("gates.warmup_epochs" in params) == (params["gates.schedule"] == "cubic")
         study.tell(t, 0.0)
     assert seen == {"constant", "staged", "cubic"}
+
+
+def test_defaults_choose_on_the_validation_split():
+    s = spec()
+    assert s.objectives == {"val_accuracy": "max", "param_sparsity": "max", "latency_ms": "min"}
+    assert s.score == {"val_accuracy": 1.0, "gates_below_threshold": 0.2}  # what ASHA sees
+    assert scalar_score({"val_accuracy": 0.5, "test_accuracy": 0.9, "gates_below_threshold": 0.5}, s.score) == 0.6
+    # the test accuracy can still be named (older sweep files), and a sweep file's own score is kept
+    old = spec(objectives={"accuracy": "max"}, score={"test_accuracy": 1.0})
+    assert old.objectives == {"accuracy": "max"} and old.score == {"test_accuracy": 1.0}
 
 
 def test_scalar_score():

@@ -84,7 +84,7 @@ def test_sweep_records_every_trial_and_retries_from_checkpoint(local_ray):
     for run in kids:
         assert run.info.status == "FINISHED" and run.info.run_name.startswith("sweep_trial_")
         assert "gates.lam" in run.data.params and "model.name" in run.data.params
-        for m in ("accuracy", "param_sparsity", "latency_ms", "macs", "test_accuracy"):
+        for m in ("val_accuracy", "accuracy", "param_sparsity", "latency_ms", "macs", "test_accuracy"):
             assert m in run.data.metrics, m
         assert [h.step for h in c.get_metric_history(run.info.run_id, "test_accuracy")] == [1, 2]
         arts = {a.path for a in c.list_artifacts(run.info.run_id)}
@@ -104,6 +104,9 @@ def _fit(spec, state):
 def test_asha_stopped_trials_are_pruned_not_complete(local_ray):
     base = json.loads(json.dumps(BASE))
     base["train"]["epochs"] = 3
+    # ASHA's score is the validation accuracy: 32 validation images tell the trials apart, and 96
+    # images still train (3 steps an epoch)
+    base["data"].update(synthetic_train=128, val_split=0.25)
     space = dict(SPACE, **{"train.lr": {"type": "loguniform", "low": 1e-6, "high": 0.1}})
     good = {"gates.lam": 0.1, "prune.threshold": 0.5, "train.lr": 0.05}
     bad = {"gates.lam": 0.1, "prune.threshold": 0.5, "train.lr": 1e-6}  # learns nothing: ASHA stops it

@@ -30,14 +30,34 @@ def test_loss_falls_and_gates_stay_open_without_penalty():
     assert len(h) == 4
     assert h[-1]["task_loss"] < 0.7 * h[0]["task_loss"]
     assert h[-1]["test_accuracy"] > 0.6  # 4 classes: chance is 0.25
+    assert h[-1]["val_accuracy"] > 0.6
     assert h[-1]["mean_gate"] > 0.9
-    for key in ("task_loss", "penalty", "lam", "mean_gate", "gates_below_threshold", "test_accuracy", "lr"):
+    for key in ("task_loss", "penalty", "lam", "mean_gate", "gates_below_threshold", "val_accuracy", "val_loss",
+                "test_accuracy", "test_loss", "lr"):
         assert key in h[0]
+
+
+def test_val_metrics_come_from_the_val_split_or_the_test_split_without_one():
+    from prunevision.data import DeviceLoader
+    from prunevision.train import evaluate
+
+    cfg = _cfg(**{"train.epochs": 1, "data.val_split": 0.2})
+    state, data = _train(cfg)
+    assert len(data.val_y) == 51 and len(data.train_y) == 205
+    r = state.history[-1]
+    ev = evaluate(state.model, DeviceLoader(data.val_x, data.val_y, 64, data.mean, data.std, train=False),
+                  data.num_classes)
+    assert r["val_accuracy"] == pytest.approx(ev["accuracy"]) and r["val_loss"] == pytest.approx(ev["loss"])
+    state, data = _train(_cfg(**{"train.epochs": 1, "data.val_split": 0}))
+    r = state.history[-1]
+    assert not data.has_val and len(data.train_y) == 256
+    assert r["val_accuracy"] == r["test_accuracy"] and r["val_loss"] == r["test_loss"]
 
 
 @pytest.mark.parametrize("mode", ["mean", "flops"])
 def test_large_lambda_closes_gates(mode):
-    state, _ = _train(_cfg(**{"gates.lam": 20.0, "gates.penalty": mode, "gates.lr": 0.2}))
+    # all 256 images train (8 steps an epoch): how far gates close depends on the number of steps
+    state, _ = _train(_cfg(**{"gates.lam": 20.0, "gates.penalty": mode, "gates.lr": 0.2, "data.val_split": 0}))
     h = state.history
     assert h[-1]["mean_gate"] < h[0]["mean_gate"] - 0.3
     assert h[-1]["gates_below_threshold"] > 0.5

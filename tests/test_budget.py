@@ -1,0 +1,110 @@
+"""MACs budgets: the differentiable MACs model matches torch-pruning's count of the really pruned
+network, bad budgets are refused before training, and a budgeted run lands on its budget."""
+
+import copy
+
+import pytest
+import torch
+
+from prunevision.budget import BudgetError, MacsModel, budget_for
+from prunevision.config import ConfigError, GateConfig, ModelConfig, load_config
+from prunevision.gates import ChannelGate, iter_gates
+from prunevision.measure import macs_and_params
+from prunevision.models import build_gated_model
+from prunevision.prune import prune_by_gates, strip_gates
+from prunevision.train import fit
+
+
+def _close_random(model, share, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, gate in iter_gates(model):
+            if isinstance(gate, ChannelGate):
+                gate.score[torch.rand(gate.score.shape, generator=g) < share] = -1.0
+
+
+@pytest.mark.parametrize("name", ["small_cnn", "resnet18", "mobilenet_v2", "mobilenet_v3_small"])
+@pytest.mark.parametrize("kind", ["ste", "hard_concrete"])
+def test_macs_model_equals_the_pruned_networks_count(name, kind):
+    torch.manual_seed(0)
+    model = build_gated_model(ModelConfig(name=name), GateConfig(kind=kind), 10, 32).eval()
+    ex = torch.zeros(1, 3, 32, 32)
+    dense = macs_and_params(strip_gates(copy.deepcopy(model)), 32)[0]
+    mm = MacsModel(model, ex, threshold=1e-6, round_to=8, min_channels=1)
+    assert mm.hard_share() == pytest.approx(1.0, abs=1e-6)
+    if kind == "hard_concrete":
+        with torch.no_grad():
+            for _, gate in iter_gates(model):
+                gate.score[torch.rand(gate.score.shape) < 0.6] = -4.0  # deterministic gate exactly 0
+    else:
+        _close_random(model, 0.6)
+    predicted = mm.hard_share()
+    s = mm.share()
+    assert float(s.detach()) == pytest.approx(predicted)
+    s.backward()  # differentiable in the gates
+    assert any(g.score.grad is not None and g.score.grad.abs().sum() > 0 for _, g in iter_gates(model))
+    pruned = copy.deepcopy(model)
+    prune_by_gates(pruned, ex, 1e-6, round_to=8, min_channels=1)
+    real = macs_and_params(strip_gates(pruned), 32)[0] / dense
+    assert real < 0.8
+    assert predicted == pytest.approx(real, rel=0.01)
+
+
+def test_floor_share_is_the_smallest_network():
+    model = build_gated_model(ModelConfig(name="resnet18"), GateConfig(kind="ste"), 10, 32)
+    mm = MacsModel(model, torch.zeros(1, 3, 32, 32), threshold=1e-6, round_to=8, min_channels=1)
+    with torch.no_grad():
+        for _, gate in iter_gates(model):
+            gate.score.fill_(-1.0)
+    assert mm.hard_share() == pytest.approx(mm.floor_share())
+    assert 0 < mm.floor_share() < 0.05
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"gates.target_macs": 0.0}, "gates.target_macs: 0.0 is out of range"),
+    ({"gates.target_macs": 1.5}, "gates.target_macs: 1.5 is out of range"),
+    ({"gates.target_macs": float("nan")}, "gates.target_macs: NaN"),
+    ({"gates.target_macs": 0.25, "gates.lam": 2.0}, "gates.lam: 2.0 contradicts gates.target_macs"),
+    ({"gates.target_macs": 0.25, "gates.schedule": "staged"}, "gates.schedule: staged is a λ schedule"),
+    ({"gates.kind": "ste", "prune.threshold": 0.3}, "prune.threshold: gates.kind=ste gates are exactly"),
+    ({"prune.distill": 1.5}, "prune.distill: 1.5 is out of range"),
+])
+def test_bad_budgets_are_one_line_errors(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, override)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def _cfg(**over):
+    base = {"data.name": "synthetic", "data.synthetic_train": 512, "data.synthetic_test": 128, "data.num_classes": 4,
+            "data.batch_size": 32, "data.image_size": 16, "model.name": "small_cnn", "train.epochs": 6,
+            "train.lr": 0.05, "gates.kind": "ste", "gates.lr": 0.05, "gates.warmup_epochs": 1}
+    base.update(over)
+    return load_config(None, base)
+
+
+def test_unreachable_budget_is_refused_before_training():
+    cfg = _cfg(**{"gates.target_macs": 0.001, "model.name": "resnet18", "prune.min_channels": 16})
+    from prunevision.data import load_dataset
+
+    data = load_dataset(cfg.data, seed=0)
+    model = build_gated_model(cfg.model, cfg.gates, data.num_classes, data.image_size)
+    with pytest.raises(BudgetError, match="cannot be reached"):
+        budget_for(model, cfg, data.image_size, torch.device("cpu"))
+    with pytest.raises(BudgetError):
+        fit(model, data, cfg)  # nothing trained: the error comes first
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["ste", "hard_concrete"])
+def test_budgeted_training_lands_on_its_budget(kind):
+    from prunevision.data import load_dataset
+
+    cfg = _cfg(**{"gates.target_macs": 0.4, "gates.kind": kind})
+    torch.manual_seed(0)
+    data = load_dataset(cfg.data, seed=0)
+    model = build_gated_model(cfg.model, cfg.gates, data.num_classes, data.image_size)
+    state = fit(model, data, cfg)
+    last = state.history[-1]
+    assert last["macs_share"] == pytest.approx(0.4, rel=0.1)
+    assert state.history[0]["macs_share"] > 0.9  # warm-up: dense
