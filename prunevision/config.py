@@ -372,10 +372,11 @@ def from_dict(data: dict[str, Any], overrides: dict[str, Any] | None = None) -> 
     for dotted, value in (overrides or {}).items():
         _set_dotted(merged, dotted, value)
     cfg = _build(ExperimentConfig, merged, prefix="")
-    if cfg.prune.method != "gate" and cfg.gates.lam != 0:
+    if cfg.prune.method != "gate" and (cfg.gates.lam != 0 or cfg.gates.kind != "sigmoid"):
         # Baselines prune the plainly trained network: the gate penalty exists for gate pruning,
-        # and under it a baseline would start from a network already squeezed by the gates.
-        cfg = dataclasses.replace(cfg, gates=dataclasses.replace(cfg.gates, lam=0.0))
+        # and under it a baseline would start from a network already squeezed by the gates. Their
+        # gates are soft (hard straight-through gates would close channels even without a penalty).
+        cfg = dataclasses.replace(cfg, gates=dataclasses.replace(cfg.gates, lam=0.0, kind="sigmoid"))
     return cfg
 
 

@@ -467,6 +467,9 @@ def instrument(
         parent_name, _, child = site.after.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         inner = getattr(parent, child)
+        if isinstance(inner, nn.Sequential) and len(inner) == 2 and isinstance(inner[1], ChannelGate):
+            gate_of[site.conv] = inner[1]  # already gated (the linear units of hard kinds): one gate only
+            continue
         gate = ChannelGate(site.channels, init=init, temperature=temperature, kind=kind)
         gate.cost_per_channel = site.macs_per_channel
         # the conv this gate controls (wrapped as "<name>.0" when the gate follows it directly)
