@@ -105,7 +105,7 @@ def main() -> int:
     Path(args.out).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "machine": machine(), "base": base,
                                           "runs": runs}, indent=2, default=str))
     if not args.smoke_test and args.results_md:
-        body = (f"    .venv/bin/python {' '.join(sys.argv)}\n\nMachine: {machine()}. Base: {json.dumps(base)}. "
+        body = (f"Base: {json.dumps(base)}. "
                 f"Accuracy on {base.get('data.test_subset')} test images, gated network vs the network with its "
                 f"closed channels removed, before fine-tuning.\n\n{table}\n\nRaw: `{args.out}`.\n")
         append_results("Budget control and decisive gates (`benchmarks/budget_control.py`)", body, args.results_md)

@@ -199,7 +199,7 @@ def budget_mode(args) -> int:
     Path(args.out).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "machine": machine(), "base": base,
                                           "runs": runs}, indent=2, default=str))
     if not args.smoke_test and args.results_md:
-        body = (f"    .venv/bin/python {' '.join(sys.argv)}\n\nMachine: {machine()}. Same epochs for every method "
+        body = (f"Same epochs for every method "
                 f"({base['train.epochs']} training + {base['prune.finetune_epochs']} fine-tuning); baselines train "
                 f"without gates and prune at the ratio that meets the budget; accuracy on the full test set; "
                 f"speed-up: ONNX Runtime CPU, batch 1, 1 thread, dense and pruned interleaved in each trial's run, "

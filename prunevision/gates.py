@@ -50,6 +50,25 @@ HC_LOG_ALPHA_INIT = 3.0  # deterministic gate 1 at the start: training starts fr
 STE_SCORE_INIT, STE_SCORE_RANGE = 0.25, 1.0
 
 
+class _Scratch:
+    """Per-forward scratch that copies and pickles as empty (it may hold a tensor of the autograd graph,
+    which ``copy.deepcopy`` refuses)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = None
+
+    def __deepcopy__(self, memo) -> _Scratch:
+        return _Scratch()
+
+    def __getstate__(self):
+        return None
+
+    def __setstate__(self, state) -> None:
+        self.value = None
+
+
 class ChannelGate(nn.Module):
     """Per-channel gate multiplying an (N, C, ...) tensor. Three kinds:
 
@@ -75,6 +94,7 @@ class ChannelGate(nn.Module):
         # flops penalty). A plain attribute, not state: it is recomputed on every build.
         self.cost_per_channel = 1.0
         self.layer_name = ""
+        self._scratch = _Scratch()
 
     def _soft(self) -> torch.Tensor:
         return torch.sigmoid(self.score / self.temperature)
@@ -115,9 +135,12 @@ class ChannelGate(nn.Module):
         return torch.full_like(self.score, float(self.cost_per_channel))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g = self.values().to(x.dtype)
+        g = self.values()
+        # a hard-concrete sample is drawn once per forward pass: the depthwise norm's GateMirror
+        # reuses it, so both places close the same channels
+        self._scratch.value = g if self.kind == "hard_concrete" and self.training and torch.is_grad_enabled() else None
         shape = [1, -1] + [1] * (x.dim() - 2)
-        return x * g.view(shape)
+        return x * g.to(x.dtype).view(shape)
 
     def extra_repr(self) -> str:
         return f"{self.score.numel()}, kind={self.kind}, temperature={self.temperature}"
@@ -293,8 +316,11 @@ class GateMirror(nn.Module):
         return self.source.values()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g = self.source.values().to(x.dtype)
-        return x * g.view([1, -1] + [1] * (x.dim() - 2))
+        src = self.source
+        scratch = getattr(src, "_scratch", None)
+        sample = scratch.value if scratch is not None else None
+        g = sample if sample is not None and self.training and torch.is_grad_enabled() else src.values()
+        return x * g.to(x.dtype).view([1, -1] + [1] * (x.dim() - 2))
 
     def extra_repr(self) -> str:
         return f"source={self.source.layer_name or '?'}"
