@@ -255,7 +255,7 @@ class PruneConfig:
         if self.ratios is not None:
             if self.method == "gate":
                 raise ConfigError("prune.ratios: for the baseline methods (gate pruning follows the gates; sweep "
-                                  "prune.threshold instead)")
+                                  "gates.target_macs instead)")
             for r in self.ratios:
                 _check_range("prune.ratios", r, low=0.0, high=1.0, low_open=True, high_open=True)
 
