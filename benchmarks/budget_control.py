@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import RESULTS_MD, append_results, machine, md_table  # noqa: E402
+from benchmarks.common import RESULTS_MD, append_results, md_table, write_raw  # noqa: E402
 
 
 def run_one(base: dict, model: str, budget: float, kind: str, seed: int) -> dict:
@@ -101,9 +101,7 @@ def main() -> int:
              "Δ": f"{100 * (r['pruned'] - r['gated']):+.2f} pt"} for r in runs]
     table = md_table(rows, list(rows[0]))
     print(table)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "machine": machine(), "base": base,
-                                          "runs": runs}, indent=2, default=str))
+    write_raw(args.out, base, runs)
     if not args.smoke_test and args.results_md:
         body = (f"Base: {json.dumps(base)}. "
                 f"Accuracy on {base.get('data.test_subset')} test images, gated network vs the network with its "

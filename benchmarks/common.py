@@ -3,6 +3,7 @@ dated section (figures, exact command, machine, date, commit) to benchmarks/RESU
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shlex
@@ -72,3 +73,10 @@ def append_results(title: str, body: str, path: str | Path | None = RESULTS_MD) 
     with open(path, "a") as f:
         f.write(header + body.rstrip() + "\n")
     print(f"appended to {path}")
+
+
+def write_raw(path: str | Path, base: dict, runs: list[dict]) -> None:
+    """The raw runs of a benchmark as JSON, with the date, the machine and the base config."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "machine": machine(), "base": base,
+                                      "runs": runs}, indent=2, default=str))

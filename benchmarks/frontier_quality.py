@@ -34,7 +34,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import RESULTS_MD, append_results, machine, md_table  # noqa: E402
+from benchmarks.common import RESULTS_MD, append_results, machine, md_table, write_raw  # noqa: E402
 
 
 def _count(v: float | None) -> str:
@@ -195,9 +195,7 @@ def budget_mode(args) -> int:
                              ms("accuracy_before_finetune", 100), "ORT CPU speed-up": ms("speedup")})
     table = md_table(rows, list(rows[0]))
     print(table)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "machine": machine(), "base": base,
-                                          "runs": runs}, indent=2, default=str))
+    write_raw(args.out, base, runs)
     if not args.smoke_test and args.results_md:
         body = (f"Same epochs for every method "
                 f"({base['train.epochs']} training + {base['prune.finetune_epochs']} fine-tuning); baselines train "

@@ -32,6 +32,7 @@ from torch import nn
 
 from prunevision.config import ConfigError
 from prunevision.gates import ChannelGate
+from prunevision.prune import GATE_PRUNERS, classifier_head, first_convs, keep_count
 
 
 class BudgetError(ConfigError):
@@ -71,14 +72,6 @@ def _is_depthwise(m: nn.Module) -> bool:
     return isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
 
 
-def keep_count(n: int, n_closed: int, min_channels: int, round_to: int | None) -> int:
-    """Channels a group keeps: the open ones, at least ``min_channels``, rounded up to ``round_to``."""
-    keep = max(n - n_closed, min(min_channels, n), 1)
-    if round_to:
-        keep = min(n, int(math.ceil(keep / round_to) * round_to))
-    return keep
-
-
 class MacsModel:
     """Share of the dense network's MACs that the pruned network will have (see module docs)."""
 
@@ -93,8 +86,6 @@ class MacsModel:
         min_channels: int = 1,
         frozen: tuple[nn.Module, ...] = (),
     ):
-        from prunevision.prune import GATE_PRUNERS, classifier_head
-
         self.threshold = threshold
         self.round_to, self.min_channels = round_to, min_channels
         names = {id(m): n for n, m in model.named_modules()}
@@ -367,8 +358,6 @@ def budget_for(model: nn.Module, cfg, image_size: int, device: torch.device) -> 
     remembered on the model (``pv_dense_macs``) so that later iterative steps keep the same reference."""
     if cfg.budget is None:
         return None
-    from prunevision.prune import first_convs
-
     p = cfg.prune
     example = torch.zeros(1, 3, image_size, image_size, device=device)
     frozen = tuple(first_convs(model, p.skip_first)) if p.skip_first else ()

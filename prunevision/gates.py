@@ -410,25 +410,7 @@ def find_mirror_sites(model: nn.Module, example: torch.Tensor, producers: set[st
 
 def _trace_leaves(model: nn.Module, example: torch.Tensor) -> tuple[list[str], dict[str, torch.Size]]:
     """Leaf modules in the order one forward pass runs them, and their output shapes."""
-    order: list[str] = []
-    shapes: dict[str, torch.Size] = {}
-    handles = []
-    for name, m in model.named_modules():
-        if len(list(m.children())) == 0 and name:
-            def hook(mod, inp, out, name=name):
-                if name not in shapes and isinstance(out, torch.Tensor):
-                    order.append(name)
-                    shapes[name] = out.shape
-            handles.append(m.register_forward_hook(hook))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    order, _, _, shapes = _trace_dataflow(model, example)
     return order, shapes
 
 

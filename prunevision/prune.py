@@ -241,7 +241,8 @@ def _names(model: nn.Module) -> dict[int, str]:
     return {id(m): n for n, m in model.named_modules()}
 
 
-def _keep_count(n: int, n_closed: int, min_channels: int, round_to: int | None) -> int:
+def keep_count(n: int, n_closed: int, min_channels: int, round_to: int | None) -> int:
+    """Channels a group keeps: the open ones, at least ``min_channels``, rounded up to ``round_to``."""
     keep = max(n - n_closed, min(min_channels, n), 1)
     if round_to:
         keep = min(n, int(math.ceil(keep / round_to) * round_to))
@@ -303,7 +304,7 @@ def prune_by_gates(
         dim_imp = imp.view(ch_groups, -1).max(dim=0).values
         n = len(dim_imp)
         closed = (dim_imp < threshold).nonzero().flatten()
-        keep = _keep_count(n, len(closed), min_channels, round_to)
+        keep = keep_count(n, len(closed), min_channels, round_to)
         if max_layer_sparsity is not None:
             keep = max(keep, int(math.ceil(n * (1 - max_layer_sparsity))))
         n_remove = n - keep
