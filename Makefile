@@ -42,7 +42,7 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 
 smoke: $(STAMP)
-	$(PY) -m prunevision train --smoke-test --out runs/smoke
+	$(PY) -m prunevision train --smoke-test --out runs/smoke --overwrite
 
 clean:
 	rm -rf runs .pytest_cache

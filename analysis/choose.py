@@ -75,9 +75,12 @@ def choose(df: pd.DataFrame, objectives: Mapping[str, str], strategy: str = "kne
     objectives = selection_objectives(objectives, df)
     bounds = selection_bounds(bounds, df)
     rows = df[df["status"] == "complete"] if "status" in df.columns else df
-    rows = rows.dropna(subset=list(objectives))
+    # no trial reported one of the objectives (all errored, say): nothing to choose from
+    rows = rows.dropna(subset=list(objectives)) if all(k in rows.columns for k in objectives) else rows.iloc[0:0]
     if rows.empty:
-        raise ConstraintError("the sweep has no complete trial with all objectives to choose from")
+        counts = df["status"].value_counts().to_dict() if "status" in df.columns else {}
+        seen = ", ".join(f"{v} {k}" for k, v in counts.items()) or "no trials"
+        raise ConstraintError(f"the sweep has no complete trial with all objectives to choose from ({seen})")
     rows = within_bounds(rows, bounds)
     if strategy == "knee":
         return knee_point(rows, objectives)

@@ -17,6 +17,7 @@ from prunevision.config import (
 )
 from prunevision.data import Dataset, DatasetError, load_dataset
 from prunevision.export import ExportError, export_onnx
+from prunevision.fsutil import OutputError
 from prunevision.gates import ChannelGate, PrunableLinear, gate_stats, instrument, iter_gates, penalty
 from prunevision.models import (
     PretrainedWeightsError,
@@ -33,6 +34,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ExportError",
+    "OutputError",
     "GateImportance",
     "PrunedCheckpointError",
     "export_onnx",

@@ -12,17 +12,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+import math
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors import safe_open
+from safetensors.torch import save
 from torch import nn
 
 from prunevision.config import ConfigError, ModelConfig
+from prunevision.fsutil import atomic_write, ensure_dir
 
 FORMAT = "prunevision-pruned"
 VERSION = 1
@@ -67,7 +68,7 @@ def save_pruned(
 ) -> Path:
     """Write ``model`` (gate-free, possibly pruned) as a safetensors file with its description."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_dir(path.parent)
     tensors = {k: v.detach().contiguous().cpu().clone() for k, v in model.state_dict().items()}
     meta = {
         "format": FORMAT,
@@ -81,82 +82,230 @@ def save_pruned(
         "extra": extra or {},
     }
     meta_json = json.dumps(meta, sort_keys=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"prunevision": meta_json, "sha256": _digest(meta_json, tensors)})
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, save(tensors, metadata={"prunevision": meta_json, "sha256": _digest(meta_json, tensors)}))
+
+
+# Bounds on what a checkpoint's metadata may declare. The checksum only catches damage (anyone
+# can recompute it after an edit), so every field is checked before anything is built from it:
+# nothing is allocated from a declared size without such a bound.
+MAX_CLASSES = 100_000
+MAX_IMAGE_SIZE = 1024  # side in px of the input the rebuilt model is checked with
+MAX_WIDTH = 1 << 16  # channels of one layer
+MAX_FUSION_CHANNELS = 16_384
+MAX_BACKBONES = 8
+# the base network built before its layers are resized: at most this many elements, or this many
+# times the file's own (a pruned model keeps a share of its base network; a tiny file declaring a
+# giant base is edited)
+MAX_BASE_ELEMENTS, MAX_BASE_RATIO = 256_000_000, 1000
 
 
 def read_pruned(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Metadata and tensors of a pruned checkpoint, checked (format, version, checksum)."""
+    """Metadata and tensors of a pruned checkpoint, checked: format, version, checksum, and every
+    metadata field (types, ranges, layer widths against the tensors' shapes)."""
     path = Path(path)
+    if path.is_dir():
+        raise PrunedCheckpointError(f"{path} is a folder, not a pruned checkpoint file")
     if not path.is_file():
         raise PrunedCheckpointError(f"pruned checkpoint not found: {path}")
     try:
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+    except Exception as e:  # SafetensorError, OSError, ...: whatever the reader says of a bad file
         raise PrunedCheckpointError(
             f"{path} is not a readable safetensors file (corrupt, truncated, or not a prunevision "
-            f"pruned checkpoint): {' '.join(str(e).split())[:200]}"
+            f"pruned checkpoint): {_one_line(e)[:200]}"
         ) from None
     meta_json = header.get("prunevision")
     if meta_json is None:
         raise PrunedCheckpointError(f"{path} has no prunevision metadata: not a pruned checkpoint")
     try:
         meta = json.loads(meta_json)
-    except ValueError:
-        raise PrunedCheckpointError(f"{path}: damaged metadata") from None
+    except (ValueError, RecursionError):
+        raise PrunedCheckpointError(f"{path}: damaged metadata (not JSON)") from None
+    if not isinstance(meta, dict):
+        raise PrunedCheckpointError(f"{path}: damaged metadata (not a JSON object)")
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise PrunedCheckpointError(f"{path}: unsupported format {meta.get('format')} v{meta.get('version')}")
+        raise PrunedCheckpointError(f"{path}: unsupported format {str(meta.get('format'))[:40]} "
+                                    f"v{str(meta.get('version'))[:20]}")
     if header.get("sha256") != _digest(meta_json, tensors):
         raise PrunedCheckpointError(f"{path}: checksum mismatch: the file was damaged or edited")
+    try:
+        _check_meta(meta, tensors)
+    except ValueError as e:
+        raise PrunedCheckpointError(f"{path}: invalid metadata: {_one_line(e)[:300]}") from None
     return meta, tensors
 
 
-def load_pruned(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild a pruned model from its checkpoint (same registry builder, resized layers)."""
-    from prunevision.models import create_model
+def model_config(meta: dict[str, Any]) -> ModelConfig:
+    """The checkpoint's ``model`` section as a validated ModelConfig (known model names only)."""
+    from prunevision.config import from_dict
 
-    meta, tensors = read_pruned(path)
+    m = meta.get("model")
+    if not isinstance(m, dict):
+        raise ValueError("model: not a mapping")
     try:
-        mcfg = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["model"].items()})
-    except (TypeError, ConfigError) as e:
-        raise PrunedCheckpointError(f"{path}: its model description is invalid: {e}") from None
+        return from_dict({"model": m}).model
+    except ConfigError as e:
+        raise ValueError(str(e)) from None
+
+
+def _whole(key: str, v: Any, low: int, high: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high:
+        raise ValueError(f"{key}: {str(v)[:40]!r} is not a whole number in [{low}, {high}]")
+    return v
+
+
+def _check_meta(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    """Every field a rebuild reads, against bounds and against the tensors actually stored."""
+    mcfg = model_config(meta)
+    n_cls = _whole("num_classes", meta.get("num_classes"), 2, MAX_CLASSES)
+    _whole("image_size", meta.get("image_size"), 8, MAX_IMAGE_SIZE)
+    _whole("model.fusion_channels", mcfg.fusion_channels, 1, MAX_FUSION_CHANNELS)
+    if len(mcfg.backbones) > MAX_BACKBONES:
+        raise ValueError(f"model.backbones: {len(mcfg.backbones)} backbones (at most {MAX_BACKBONES})")
+    layers = meta.get("layers")
+    if not isinstance(layers, dict) or not layers:
+        raise ValueError("layers: not a mapping of layer names to widths")
+    outs = set()
+    for name, w in layers.items():
+        outs.add(_check_layer(name, w, tensors))
+    if n_cls not in outs:
+        raise ValueError(f"num_classes {n_cls} is the width of no layer in the file")
+    if "hybrid_active" in meta:
+        act = meta["hybrid_active"]
+        if mcfg.name != "hybrid" or not isinstance(act, list) or not act or len(set(map(str, act))) != len(act):
+            raise ValueError("hybrid_active: a list of distinct backbone indices, for the hybrid only")
+        for i in act:
+            _whole("hybrid_active", i, 0, len(mcfg.backbones) - 1)
+    extra = meta.get("extra", {})
+    if not isinstance(extra, dict):
+        raise ValueError("extra: not a mapping")
+    for key in ("mean", "std"):
+        v = extra.get(key)
+        if v is not None and not (isinstance(v, list) and len(v) == 3 and all(
+                isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a) for a in v)):
+            raise ValueError(f"extra.{key}: not 3 numbers")
+    classes = extra.get("classes")
+    if classes is not None and not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+        raise ValueError("extra.classes: not a list of names")
+
+
+def _check_layer(name: Any, w: Any, tensors: dict[str, torch.Tensor]) -> int:
+    """One resized layer's widths: whole numbers in range, and the shape of its stored weight."""
+    if not isinstance(name, str) or not isinstance(w, dict) or not w or set(w) - {"in", "out", "groups"}:
+        raise ValueError(f"layers: bad entry {str(name)[:60]!r}")
+    for k, v in w.items():
+        _whole(f"layers.{name}.{k}", v, 1, MAX_WIDTH)
+    if "out" not in w:
+        raise ValueError(f"layers.{name}: no output width")
+    weight = tensors.get(f"{name}.weight")
+    if weight is None:
+        weight = tensors.get(f"{name}.running_mean")  # a norm layer without affine weights
+    if weight is None:
+        raise ValueError(f"layers.{name}: the file holds no weight for it")
+    shape = tuple(weight.shape)
+    if "groups" in w:  # Conv2d
+        if "in" not in w or w["in"] % w["groups"] or w["out"] % w["groups"]:
+            raise ValueError(f"layers.{name}: widths {w} do not divide into its groups")
+        ok = len(shape) == 4 and shape[:2] == (w["out"], w["in"] // w["groups"])
+    elif "in" in w:  # Linear
+        ok = shape == (w["out"], w["in"])
+    else:  # a norm layer
+        ok = shape == (w["out"],)
+    if not ok:
+        raise ValueError(f"layers.{name}: widths {w} do not match its stored weight of shape {list(shape)}")
+    return w["out"]
+
+
+def load_pruned(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a pruned model from its checkpoint (same registry builder, resized layers). The
+    rebuild is tried on PyTorch's meta device first (shapes only, nothing allocated): a file whose
+    metadata does not fit its tensors stops there."""
+    meta, tensors = read_pruned(path)
+    path = Path(path)
+    mcfg = model_config(meta)
+    file_elements = sum(t.numel() for t in tensors.values())
+    try:
+        with torch.device("meta"):
+            probe = _base_model(mcfg, meta, path)
+    except PrunedCheckpointError:
+        raise
+    except Exception:  # some builders compute with tensor values (RegNet): no dry run, the bounds hold
+        probe = None
+    if probe is not None:
+        base = sum(t.numel() for t in probe.state_dict().values())
+        if base > max(MAX_BASE_ELEMENTS, MAX_BASE_RATIO * file_elements):
+            raise PrunedCheckpointError(f"{path}: its metadata declares a {mcfg.name} of {base:,} elements for "
+                                        f"{file_elements:,} stored: edited metadata?")
+        with torch.device("meta"):
+            _fit(probe, meta, tensors, path)
+            _check_runs(probe, meta, path, "meta")
+    model = _base_model(mcfg, meta, path)
+    _fit(model, meta, tensors, path)
+    state = OrderedDict(tensors)
+    state._metadata = getattr(model.state_dict(), "_metadata", None)  # module versions, from the builder
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise PrunedCheckpointError(f"{path} does not fit {mcfg.name}: {_one_line(e)[:300]}") from None
+    model.to(device).eval()
+    _check_runs(model, meta, path, device)
+    return model
+
+
+def _base_model(mcfg: ModelConfig, meta: dict[str, Any], path: Path) -> nn.Module:
+    """The registry's network for the checkpoint, before its layers are resized."""
+    from prunevision.models import create_model
     from prunevision.prune import strip_gates
 
-    model = create_model(mcfg, int(meta["num_classes"]), int(meta["image_size"]), pretrained=False)
+    model = create_model(mcfg, meta["num_classes"], meta["image_size"], pretrained=False)
     strip_gates(model)  # saved models are gate-free: PrunableLinear layers are plain linear layers
     if "hybrid_active" in meta:
         try:
             model.keep_backbones(meta["hybrid_active"])
         except (AttributeError, ValueError, TypeError) as e:
             raise PrunedCheckpointError(f"{path}: bad hybrid_active {meta['hybrid_active']!r}: {e}") from None
+    return model
+
+
+def _fit(model: nn.Module, meta: dict[str, Any], tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Resize the listed layers and give every parameter and buffer its stored shape."""
     modules = dict(model.named_modules())
     for name, w in meta["layers"].items():
         m = modules.get(name)
         if m is None:
-            raise PrunedCheckpointError(f"{path}: layer {name!r} does not exist in {mcfg.name}")
-        _resize(m, w)
+            raise PrunedCheckpointError(f"{path}: layer {name!r} does not exist in {meta['model'].get('name')}")
+        _resize(m, w, path, name)
     _reshape_to(model, tensors, path)
-    state = OrderedDict(tensors)
-    state._metadata = getattr(model.state_dict(), "_metadata", None)  # module versions, from the builder
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise PrunedCheckpointError(f"{path} does not fit {mcfg.name}: {' '.join(str(e).split())[:300]}") from None
-    model.to(device).eval()
+
+
+def _check_runs(model: nn.Module, meta: dict[str, Any], path: Path, device) -> None:
+    """The rebuilt model runs on one image of its size and gives one logit per class."""
+    s = meta["image_size"]
     try:
         with torch.no_grad():
-            model(torch.zeros(1, 3, meta["image_size"], meta["image_size"], device=device))
-    except RuntimeError as e:
-        msg = " ".join(str(e).split())[:300]
-        raise PrunedCheckpointError(f"{path}: the rebuilt model does not run: {msg}") from None
-    return model
+            out = model.eval()(torch.zeros(1, 3, s, s, device=device))
+    except NotImplementedError as e:
+        if str(device) == "meta":
+            return  # an operator with no meta kernel: the real run checks
+        raise PrunedCheckpointError(f"{path}: the rebuilt model does not run: {_one_line(e)[:300]}") from None
+    except (RuntimeError, ValueError, TypeError, IndexError) as e:
+        raise PrunedCheckpointError(f"{path}: the rebuilt model does not run: {_one_line(e)[:300]}") from None
+    if tuple(out.shape) != (1, meta["num_classes"]):
+        raise PrunedCheckpointError(f"{path}: the rebuilt model gives outputs of shape {list(out.shape)}, not "
+                                    f"[1, {meta['num_classes']}] (num_classes)")
 
 
-def _resize(m: nn.Module, w: dict[str, int]) -> None:
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _resize(m: nn.Module, w: dict[str, int], path: Path, name: str) -> None:
+    want = ({"in", "out", "groups"} if isinstance(m, nn.Conv2d) else {"in", "out"} if isinstance(m, nn.Linear)
+            else {"out"} if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)) else None)
+    if want != set(w):
+        raise PrunedCheckpointError(f"{path}: layer {name!r} is a {type(m).__name__}, widths {w} do not describe it")
     if isinstance(m, nn.Conv2d):
         m.in_channels, m.out_channels, m.groups = w["in"], w["out"], w["groups"]
     elif isinstance(m, nn.Linear):

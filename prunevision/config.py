@@ -343,9 +343,15 @@ def read_yaml_mapping(path: str | Path, what: str, error: type[ConfigError] = Co
     if not p.is_file():
         raise error(f"{what} not found: {p}")
     try:
-        loaded = yaml.safe_load(p.read_text())
+        loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise error(f"{what} {p} is not valid YAML: {_one_line(e)}") from None
+    except UnicodeDecodeError as e:
+        raise error(f"{what} {p} is not UTF-8 text (byte {e.start}): not a YAML file?") from None
+    except RecursionError:
+        raise error(f"{what} {p} is nested too deeply to be a config") from None
+    except OSError as e:
+        raise error(f"cannot read {what} {p}: {e.strerror or e}") from None
     if loaded is None:
         loaded = {}
     if not isinstance(loaded, dict):
@@ -392,7 +398,9 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def save_config(cfg: ExperimentConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    from prunevision.fsutil import atomic_write
+
+    atomic_write(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 # --------------------------------------------------------------------------- internals

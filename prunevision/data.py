@@ -16,13 +16,17 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import lzma
 import os
 import pickle
 import shutil
 import tarfile
 import tempfile
+import warnings
+import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -322,7 +326,7 @@ def _load_gtsrb(cfg: DataConfig) -> Dataset:
 
 
 def _missing_message(cfg: DataConfig, root: Path) -> str:
-    what = "CIFAR-10" if cfg.name == "cifar10" else "an ImageFolder dataset"
+    what = "CIFAR-10" if cfg.name == "cifar10" else "ImageFolder dataset"
     tried = f"no {what} found at {root}"
     if cfg.name == "cifar10" and cfg.download:
         tried += " and the download failed"
@@ -367,28 +371,83 @@ def _find_layout(root: Path, depth: int = 2) -> tuple[str, Path] | None:
 
 
 def _extract_archive(archive: Path, cache: Path) -> Path:
-    if not tarfile.is_tarfile(archive):
+    """Extract a .tar(.gz|.bz2|.xz) into the cache, whole or not at all: into a temporary folder
+    beside its cache entry, renamed into place only once every member extracted and the archive
+    was read to its end (a corrupt member header would otherwise end the archive early, silently)."""
+    try:
+        is_tar = archive.is_file() and tarfile.is_tarfile(archive)
+        st = archive.stat()
+    except OSError as e:
+        raise DatasetError(f"data.root: cannot read {archive}: {_one_line(e)}") from None
+    if not is_tar:
         raise DatasetError(f"data.root: {archive} is neither a folder nor a .tar/.tar.gz archive")
-    st = archive.stat()
-    key = hashlib.sha256(f"{archive.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    # v2: trees cached before the end-of-archive check may be partial
+    key = hashlib.sha256(f"{archive.resolve()}|{st.st_size}|{st.st_mtime_ns}|v2".encode()).hexdigest()[:16]
     dest = cache / "extracted" / key
     if (dest / ".complete").is_file():
         return dest
-    tmp = Path(tempfile.mkdtemp(prefix="extract-", dir=_mkdir(cache / "extracted")))
+    tmp = _cache_temp_dir(cache / "extracted", "extract-")
     try:
-        with tarfile.open(archive) as tf:
-            tf.extractall(tmp, filter="data")  # refuses absolute paths, '..', devices, links out
-    except (tarfile.TarError, OSError, EOFError) as e:
+        with tarfile.open(archive, tarinfo=_StrictTarInfo) as tf:
+            tf.extractall(tmp, filter=_member_filter)
+            _check_archive_end(tf)
+        (tmp / ".complete").touch()
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise DatasetError(f"data.root: cannot extract {archive}: {' '.join(str(e).split())}") from None
-    (tmp / ".complete").touch()
+        if isinstance(e, (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError, ValueError)):
+            raise DatasetError(f"data.root: cannot extract {archive}: {_one_line(e)}") from None
+        raise
     _publish(tmp, dest, lambda d: (d / ".complete").is_file())
     return dest
 
 
-def _mkdir(p: Path) -> Path:
-    p.mkdir(parents=True, exist_ok=True)
-    return p
+MAX_MEMBER_BYTES = 1 << 30  # one file of a dataset archive (a gzip of zeros expands 1000-fold)
+
+
+def _member_filter(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
+    """tarfile's ``data`` filter (no absolute paths, '..', devices, or links out of the folder),
+    and no member larger than MAX_MEMBER_BYTES."""
+    member = tarfile.data_filter(member, dest)
+    if member.size > MAX_MEMBER_BYTES:
+        raise tarfile.ReadError(f"member {member.name!r} declares {member.size:,} bytes (more than "
+                                f"{MAX_MEMBER_BYTES:,}): not a dataset file")
+    return member
+
+
+class _StrictTarInfo(tarfile.TarInfo):
+    """tarfile takes a header it cannot parse after the first one for the end of the archive and
+    silently drops every member from there on; here such a header fails the extraction."""
+
+    @classmethod
+    def fromtarfile(cls, tarfile_):
+        try:
+            return super().fromtarfile(tarfile_)
+        except (tarfile.InvalidHeaderError, tarfile.TruncatedHeaderError) as e:
+            at = tarfile_.offset
+            raise tarfile.SubsequentHeaderError(f"damaged member header at byte {at}: {e}") from None
+
+
+def _check_archive_end(tf: tarfile.TarFile) -> None:
+    """After the end-of-archive block only zero padding may follow, up to the end of the stream,
+    which is read to its end (so a gzip CRC or length error shows too)."""
+    f = tf.fileobj
+    while chunk := f.read(1 << 20):
+        if chunk.count(0) != len(chunk):
+            raise tarfile.ReadError("data after the end-of-archive marker (a damaged member header?)")
+
+
+def _cache_temp_dir(parent: Path, prefix: str) -> Path:
+    """A fresh folder in the cache, renamed into place once its contents are whole."""
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    except OSError as e:
+        raise DatasetError(f"cannot write to the dataset cache {parent} ({_one_line(e)}); set data.cache_dir or "
+                           "PRUNEVISION_CACHE to a writable folder") from None
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:300] or type(e).__name__
 
 
 def _cache_key(kind: str, path: Path, image_size: int | None) -> str:
@@ -397,8 +456,11 @@ def _cache_key(kind: str, path: Path, image_size: int | None) -> str:
     for dirpath, dirnames, filenames in os.walk(path):
         dirnames.sort()
         for f in sorted(filenames):
-            st = os.stat(os.path.join(dirpath, f))
-            h.update(f"{dirpath}/{f}|{st.st_size}|{st.st_mtime_ns}".encode())
+            try:
+                st = os.stat(os.path.join(dirpath, f))
+                h.update(f"{dirpath}/{f}|{st.st_size}|{st.st_mtime_ns}".encode())
+            except OSError:  # a broken link: the listing reports it if it looks like an image
+                h.update(f"{dirpath}/{f}|?".encode())
     return h.hexdigest()[:20]
 
 
@@ -406,22 +468,49 @@ _ARRAY_KEYS = ("train_x", "train_y", "test_x", "test_y")
 
 
 def _read_cache(d: Path) -> dict | None:
+    """A decoded dataset from the cache; None (decode again) when it is missing, damaged or not
+    what this module writes."""
     if not (d / "meta.json").is_file():
         return None
     try:
         out = {k: np.load(d / f"{k}.npy", allow_pickle=False) for k in _ARRAY_KEYS}
-        out.update(json.loads((d / "meta.json").read_text()))
-        return out
-    except (OSError, ValueError):
-        return None  # damaged cache: decode again
+        meta = json.loads((d / "meta.json").read_text())
+    except (OSError, ValueError, EOFError):
+        return None
+    return {**out, **meta} if _valid_cache(out, meta) else None
+
+
+def _valid_cache(arrays: dict, meta: Any) -> bool:
+    if not isinstance(meta, dict):
+        return False
+    classes, mean, std = meta.get("classes"), meta.get("mean"), meta.get("std")
+    if not (isinstance(classes, list) and len(classes) >= 2 and all(isinstance(c, str) for c in classes)):
+        return False
+    for v in (mean, std):
+        if not (isinstance(v, list) and len(v) == 3 and all(isinstance(a, (int, float)) and np.isfinite(a) for a in v)):
+            return False
+    for split in ("train", "test"):
+        x, y = arrays[f"{split}_x"], arrays[f"{split}_y"]
+        if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1] != 3 or y.ndim != 1 or len(x) != len(y) or not len(y):
+            return False
+        if not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() >= len(classes):
+            return False
+    return True
 
 
 def _write_cache(d: Path, arrays: dict) -> None:
-    tmp = Path(tempfile.mkdtemp(prefix="decode-", dir=_mkdir(d.parent)))
-    for k in _ARRAY_KEYS:
-        np.save(tmp / f"{k}.npy", arrays[k], allow_pickle=False)
-    meta = {k: list(arrays[k]) for k in ("classes", "mean", "std")}
-    (tmp / "meta.json").write_text(json.dumps(meta))
+    tmp = _cache_temp_dir(d.parent, "decode-")
+    try:
+        for k in _ARRAY_KEYS:
+            np.save(tmp / f"{k}.npy", arrays[k], allow_pickle=False)
+        meta = {k: list(arrays[k]) for k in ("classes", "mean", "std")}
+        (tmp / "meta.json").write_text(json.dumps(meta))
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise DatasetError(f"cannot write the decoded dataset to the cache {d.parent} ({_one_line(e)}); set "
+                               "data.cache_dir or PRUNEVISION_CACHE to a folder with space") from None
+        raise
     _publish(tmp, d, lambda x: _read_cache(x) is not None)
 
 
@@ -468,12 +557,26 @@ def read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
             d = _ArraysOnlyUnpickler(io.BufferedReader(f), encoding="bytes").load()
         data = d[b"data"] if b"data" in d else d["data"]
         labels = d[b"labels"] if b"labels" in d else d["labels"]
-        x = np.asarray(data, dtype=np.uint8).reshape(-1, 3, 32, 32)
-        y = np.asarray(labels, dtype=np.int64)
+        x, y = np.asarray(data), np.asarray(labels)
+        if x.dtype != np.uint8 and not (np.issubdtype(x.dtype, np.integer) and x.size
+                                        and 0 <= x.min() and x.max() <= 255):
+            raise ValueError(f"pixel values must be bytes (0-255), got {x.dtype}")
+        x = x.astype(np.uint8, copy=False).reshape(-1, 3, 32, 32)
+        if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+            raise ValueError(f"labels must be a list of whole numbers, got {y.dtype} of shape {y.shape}")
+        y = y.astype(np.int64)
         if len(x) != len(y):
             raise ValueError(f"{len(x)} images but {len(y)} labels")
-    except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, AttributeError) as e:
-        raise DatasetError(f"{path} is not a readable CIFAR-10 batch file: {e}") from None
+    except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, AttributeError, IndexError,
+            OverflowError, MemoryError, RecursionError) as e:
+        raise DatasetError(f"{path} is not a readable CIFAR-10 batch file: {_one_line(e)}") from None
+    except OSError as e:
+        raise DatasetError(f"cannot read CIFAR-10 batch file {path}: {_one_line(e)}") from None
+    bad = (y < 0) | (y >= len(CIFAR10_CLASSES))
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise DatasetError(f"{path}: image {i} has label {int(y[i])}, out of range 0-{len(CIFAR10_CLASSES) - 1} "
+                           f"(CIFAR-10 has {len(CIFAR10_CLASSES)} classes); {int(bad.sum())} label(s) out of range")
     return x, y
 
 
@@ -490,35 +593,96 @@ def _decode_cifar_batches(d: Path) -> dict:
 def _decode_imagefolder(root: Path, image_size: int | None) -> dict:
     train_dir = root / "train"
     test_dir = root / "test" if (root / "test").is_dir() else root / "val"
-    classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
-    if not classes:
-        raise DatasetError(f"{train_dir} holds no class folders")
-    trx, tr_y = _decode_split(train_dir, classes, image_size)
-    tex, te_y = _decode_split(test_dir, classes, image_size or trx.shape[-1])
+    classes = _class_folders(train_dir)
+    trx, tr_y = _decode_split(train_dir, classes, image_size, every_class=True)
+    tex, te_y = _decode_split(test_dir, classes, image_size or trx.shape[-1], every_class=False)
     mean, std = _channel_stats(torch.from_numpy(trx))
     return {"train_x": trx, "train_y": tr_y, "test_x": tex, "test_y": te_y, "classes": classes,
             "mean": list(mean), "std": list(std)}
 
 
-def _decode_split(split: Path, classes: list[str], image_size: int | None) -> tuple[np.ndarray, np.ndarray]:
-    files, labels = [], []
+def _class_folders(train_dir: Path) -> list[str]:
+    try:
+        classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError as e:
+        raise DatasetError(f"cannot list {train_dir}: {_one_line(e)}") from None
+    if not classes:
+        raise DatasetError(f"{train_dir} holds no class folders")
+    return classes
+
+
+def _list_split(split: Path, classes: list[str], every_class: bool) -> tuple[list[str], list[int]]:
+    """Image paths and labels of one split, class by class. ``every_class``: each class folder
+    must hold an image (the training split: a class with no images cannot be learned)."""
+    paths, labels = [], []
     for i, c in enumerate(classes):
         cdir = split / c
-        if not cdir.is_dir():
-            continue
-        for p in sorted(cdir.rglob("*")):
-            if p.suffix.lower() in _IMAGE_EXT:
-                files.append(p)
-                labels.append(i)
-    if not files:
+        found = 0
+        for p in sorted(cdir.rglob("*")) if cdir.is_dir() else []:
+            if p.suffix.lower() not in _IMAGE_EXT or p.is_dir():
+                continue
+            if not p.is_file():  # a broken or looping link, a FIFO, a device: reading it could hang
+                raise DatasetError(f"{p} is not a regular file (a broken or looping link, or a special file)")
+            paths.append(str(p))
+            labels.append(i)
+            found += 1
+        if every_class and not found:
+            raise DatasetError(f"class folder {cdir} holds no images ({', '.join(sorted(_IMAGE_EXT))}); "
+                               "add some or remove the folder")
+    if not paths:
         raise DatasetError(f"{split} holds no images in class folders ({', '.join(classes[:5])}, ...)")
+    return paths, labels
+
+
+def _decode_split(split: Path, classes: list[str], image_size: int | None, every_class: bool
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    files, labels = _list_split(split, classes, every_class)
     return _decode_files(list(zip(files, labels)), image_size, where=str(split))
+
+
+# Larger images are refused before they are decoded: a small PNG can declare 20000×20000 pixels
+# (1.2 GB decoded) — a decompression bomb. 64 MP is above any camera's photos, far above what
+# a CNN here trains on (images are resized to data.image_size), and below PIL's own 89 MP warning.
+MAX_IMAGE_PIXELS = 64_000_000
+
+
+@contextmanager
+def _bomb_warning_off() -> Iterator[None]:
+    """PIL warns above its own (higher) limit; MAX_IMAGE_PIXELS refuses those images anyway, with
+    one line. Entered once around a decoding pool: warning filters are process-wide."""
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        yield
+
+
+def open_image(path: str | Path):
+    """An image file as an RGB PIL image, or one DatasetError line naming the file (unreadable,
+    corrupt, or over MAX_IMAGE_PIXELS)."""
+    from PIL import Image
+
+    def too_large(size: str) -> DatasetError:
+        return DatasetError(f"image {path} ({size} pixels) is over the limit of {MAX_IMAGE_PIXELS / 1e6:g} megapixels "
+                            "(a decompression bomb, or far larger than training needs); shrink or remove it")
+
+    try:
+        with Image.open(path) as im:
+            if im.width * im.height > MAX_IMAGE_PIXELS:
+                raise too_large(f"{im.width}×{im.height}")
+            return im.convert("RGB")
+    except DatasetError:
+        raise
+    except Image.DecompressionBombError:  # PIL's own check, above twice its limit
+        raise too_large(f"over {2 * Image.MAX_IMAGE_PIXELS:,}") from None
+    except Exception as e:  # any decoder failure on a damaged file: name the file, one line
+        raise DatasetError(f"cannot decode image {path}: {_one_line(e)}") from None
 
 
 def _decode_files(samples: list[tuple], image_size: int | None, where: str = "the dataset"
                   ) -> tuple[np.ndarray, np.ndarray]:
     """Decode (path, label) pairs into N×3×H×W uint8, resized to image_size when given."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     if not samples:
         raise DatasetError(f"{where} holds no images")
@@ -526,16 +690,12 @@ def _decode_files(samples: list[tuple], image_size: int | None, where: str = "th
     labels = [int(c) for _, c in samples]
 
     def decode(p: Path) -> np.ndarray:
-        try:
-            with Image.open(p) as im:
-                im = im.convert("RGB")
-                if image_size and im.size != (image_size, image_size):
-                    im = im.resize((image_size, image_size), Image.BILINEAR)
-                return np.asarray(im, dtype=np.uint8)
-        except (UnidentifiedImageError, OSError) as e:
-            raise DatasetError(f"cannot decode image {p}: {e}") from None
+        im = open_image(p)
+        if image_size and im.size != (image_size, image_size):
+            im = im.resize((image_size, image_size), Image.BILINEAR)
+        return np.asarray(im, dtype=np.uint8)
 
-    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as ex:
+    with _bomb_warning_off(), ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as ex:
         imgs = list(ex.map(decode, files, chunksize=256))
     shapes = {im.shape for im in imgs}
     if len(shapes) > 1:
@@ -604,51 +764,27 @@ class _FileImages(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        from PIL import Image
-
-        with Image.open(self.paths[i]) as im:
-            img = self.tf(im.convert("RGB"))
+        with _bomb_warning_off():  # one image at a time (a worker process, or the probe below)
+            img = self.tf(open_image(self.paths[i]))
         return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1), self.labels[i]
 
 
 def _maybe_stream(root: Path, cfg: DataConfig) -> Dataset | None:
     """An ImageFolder of large images as :class:`ImageFiles` (None when the images are small)."""
-    from PIL import Image
-
     train_dir = root / "train"
     test_dir = root / "test" if (root / "test").is_dir() else root / "val"
-    classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
-    if not classes:
-        raise DatasetError(f"{train_dir} holds no class folders")
-
-    def listing(split: Path) -> tuple[list[str], list[int]]:
-        paths, labels = [], []
-        for i, c in enumerate(classes):
-            for p in sorted((split / c).rglob("*")) if (split / c).is_dir() else []:
-                if p.suffix.lower() in _IMAGE_EXT:
-                    paths.append(str(p))
-                    labels.append(i)
-        if not paths:
-            raise DatasetError(f"{split} holds no images in class folders ({', '.join(classes[:5])}, ...)")
-        return paths, labels
-
-    tr_p, tr_l = listing(train_dir)
+    classes = _class_folders(train_dir)
+    tr_p, tr_l = _list_split(train_dir, classes, every_class=True)
     size = cfg.image_size
     if size is None:
-        try:
-            with Image.open(tr_p[0]) as im:
-                size = min(im.size)
-        except OSError as e:
-            raise DatasetError(f"cannot decode image {tr_p[0]}: {e}") from None
+        with _bomb_warning_off():
+            size = min(open_image(tr_p[0]).size)
     if size <= cfg.stream_above:
         return None
-    te_p, te_l = listing(test_dir)
+    te_p, te_l = _list_split(test_dir, classes, every_class=False)
     # normalisation statistics from up to 256 evaluation-style crops of training images
     probe = _FileImages(tr_p[:: max(1, len(tr_p) // 256)][:256], torch.tensor(tr_l), size, train=False)
-    try:
-        sample = torch.stack([probe[i][0] for i in range(len(probe))])
-    except OSError as e:
-        raise DatasetError(f"cannot decode images under {train_dir}: {e}") from None
+    sample = torch.stack([probe[i][0] for i in range(len(probe))])
     mean, std = _channel_stats(sample)
     return Dataset(cfg.name, tuple(classes), ImageFiles(tr_p, size, cfg.workers), torch.tensor(tr_l),
                    ImageFiles(te_p, size, cfg.workers), torch.tensor(te_l), mean, std, source=str(root))
@@ -689,12 +825,16 @@ class FileLoader(_Batches):
         loader = torch.utils.data.DataLoader(
             ds, batch_size=self.batch_size, sampler=sampler, num_workers=self.x.workers,
             drop_last=self.train and len(ds) >= self.batch_size, pin_memory=dev.type == "cuda")
-        for xb, yb in loader:
-            xb = xb.to(dev, non_blocking=True).float()
-            xb = ((xb - self.mean) / self.std).to(self.dtype)
-            if self.channels_last:
-                xb = xb.contiguous(memory_format=torch.channels_last)
-            yield xb, yb.to(dev, non_blocking=True)
+        try:
+            for xb, yb in loader:
+                xb = xb.to(dev, non_blocking=True).float()
+                xb = ((xb - self.mean) / self.std).to(self.dtype)
+                if self.channels_last:
+                    xb = xb.contiguous(memory_format=torch.channels_last)
+                yield xb, yb.to(dev, non_blocking=True)
+        except DatasetError as e:  # from a worker process: its message is a whole traceback
+            last = (str(e).strip().splitlines() or [""])[-1]
+            raise DatasetError(last.partition("DatasetError: ")[2] or last) from None
 
 
 # --------------------------------------------------------------------------- batches

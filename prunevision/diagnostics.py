@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from prunevision.fsutil import save_figure
 from prunevision.gates import ChannelGate, gate_values
 
 GATE_BINS = np.linspace(0.0, 1.0, 21)
@@ -56,7 +57,7 @@ def plot_first_conv_filters(weight: torch.Tensor, kept: np.ndarray, path: Path, 
     fig.suptitle(title or f"First conv layer: {int(kept.sum())} of {n} filters kept (removed: crossed out)",
                  fontsize=9)
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)
     return path
 
@@ -78,7 +79,7 @@ def plot_prune_steps(steps: list[dict[str, Any]], path: Path) -> Path | None:
         ax.grid(alpha=0.3)
     fig.suptitle("Metrics over the pruning steps (before each step's fine-tuning)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)
     return path
 
@@ -120,7 +121,7 @@ def plot_gate_history(history: list[dict[str, list[int]]], threshold: float, pat
     fig.suptitle(f"Gate values per layer over training (share of the layer's gates per bin; τ = {threshold:g} "
                  "dashed)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)
     return path
 
@@ -147,6 +148,6 @@ def plot_ratio_curve(rows: list[dict[str, Any]], method: str, path: Path) -> Pat
     ax.legend(loc="lower left", fontsize=8)
     ax.set_title("One trained model, several pruning ratios")
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)
     return path

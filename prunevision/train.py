@@ -13,6 +13,7 @@ so a caller (the Ray Tune layer) can report and checkpoint without this library 
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import sys
@@ -29,6 +30,7 @@ from torch.nn import functional as F
 from prunevision.budget import BudgetController, budget_for
 from prunevision.config import ExperimentConfig, from_dict
 from prunevision.data import Dataset, DeviceLoader
+from prunevision.fsutil import atomic_write
 from prunevision.gates import clamp_scores, gate_parameters, gate_stats, penalty, set_temperature
 from prunevision.schedules import budget_in_force, lam_at, lr_at, target_at, temperature_at
 
@@ -74,10 +76,9 @@ class TrainState:
             "budget": self.budget.state_dict() if self.budget is not None else None,
             "rng": torch.get_rng_state(),
         }
-        tmp = path.with_suffix(".pt.tmp")
-        torch.save(payload, tmp)
-        tmp.replace(path)  # a crash mid-write never leaves a half checkpoint behind
-        return path
+        buf = io.BytesIO()
+        torch.save(payload, buf)
+        return atomic_write(path, buf.getvalue())  # a crash or full disk never leaves a half checkpoint
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -101,9 +102,36 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         ckpt["config"] = from_dict(json.loads(ckpt["config"]))
         ckpt["history"] = json.loads(ckpt["history"])
-    except (ValueError, KeyError) as e:
-        raise CheckpointError(f"{path}: damaged config or history: {e}") from None
+    except (ValueError, KeyError, TypeError, RecursionError) as e:
+        raise CheckpointError(f"{path}: damaged config or history: {' '.join(str(e).split())[:200]}") from None
+    problem = _checkpoint_problem(ckpt)
+    if problem:
+        raise CheckpointError(f"{path}: damaged or edited checkpoint: {problem}")
     return ckpt
+
+
+def _checkpoint_problem(ckpt: dict[str, Any]) -> str | None:
+    """What a rebuild reads, against types and the same bounds as a pruned checkpoint's metadata:
+    a model is built from these sizes before any tensor is loaded."""
+    from prunevision.checkpoint import MAX_BACKBONES, MAX_CLASSES, MAX_FUSION_CHANNELS, MAX_IMAGE_SIZE
+
+    m = ckpt["config"].model
+    whole = {"epoch": (ckpt.get("epoch"), 0, 1 << 31), "image_size": (ckpt.get("image_size", 32), 8, MAX_IMAGE_SIZE),
+             "model.num_classes": (m.num_classes or 2, 2, MAX_CLASSES),
+             "model.fusion_channels": (m.fusion_channels, 1, MAX_FUSION_CHANNELS)}
+    for key, (v, low, high) in whole.items():
+        if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high:
+            return f"{key} {str(v)[:40]!r} is not a whole number in [{low}, {high}]"
+    if len(m.backbones) > MAX_BACKBONES:
+        return f"model.backbones: {len(m.backbones)} backbones (at most {MAX_BACKBONES})"
+    if not isinstance(ckpt["history"], list):
+        return "history is not a list"
+    for key in ("model", "optimizer"):
+        if not isinstance(ckpt.get(key), dict):
+            return f"no {key} state"
+    if not all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in ckpt["model"].items()):
+        return "the model state is not a mapping of names to tensors"
+    return None
 
 
 def select_device(name: str) -> torch.device:
@@ -361,14 +389,18 @@ def _restore(state: TrainState, ckpt: dict[str, Any]) -> None:
         state.model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint does not fit the model: {' '.join(str(e).split())[:300]}") from None
-    state.optimizer.load_state_dict(ckpt["optimizer"])
-    if state.gate_optimizer is not None and ckpt.get("gate_optimizer") is not None:
-        state.gate_optimizer.load_state_dict(ckpt["gate_optimizer"])
-    if state.budget is not None and ckpt.get("budget") is not None:
-        state.budget.load_state_dict(ckpt["budget"])
+    try:
+        state.optimizer.load_state_dict(ckpt["optimizer"])
+        if state.gate_optimizer is not None and ckpt.get("gate_optimizer") is not None:
+            state.gate_optimizer.load_state_dict(ckpt["gate_optimizer"])
+        if state.budget is not None and ckpt.get("budget") is not None:
+            state.budget.load_state_dict(ckpt["budget"])
+        if isinstance(ckpt.get("rng"), torch.Tensor):
+            torch.set_rng_state(ckpt["rng"])
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+        raise CheckpointError(f"checkpoint's optimiser or random state does not fit: "
+                              f"{' '.join(str(e).split())[:300]}") from None
     state.epoch = int(ckpt["epoch"])
     state.history = list(ckpt["history"])
-    if isinstance(ckpt.get("rng"), torch.Tensor):
-        torch.set_rng_state(ckpt["rng"])
     if state.cfg.gates.temperature_final is not None:
         set_temperature(state.model, temperature_at(state.cfg.gates, state.epoch, state.cfg.train.epochs))

@@ -25,6 +25,7 @@ from prunevision.diagnostics import (
     plot_ratio_curve,
 )
 from prunevision.export import export_onnx
+from prunevision.fsutil import ensure_dir, save_figure
 from prunevision.gates import ChannelGate, gate_values, iter_gates
 from prunevision.measure import macs_and_params, onnx_latency, size_on_disk, torch_latency
 from prunevision.prune import (
@@ -115,8 +116,7 @@ def prune_at_ratios(model: nn.Module, data: Dataset, cfg: ExperimentConfig, out:
     rows = []
     for r in cfg.prune.ratios or ():
         sub = cfg.replace(**{"prune.target_sparsity": r, "prune.ratios": None})
-        d = out / "ratios" / f"r{int(round(r * 100)):02d}"
-        d.mkdir(parents=True, exist_ok=True)
+        d = ensure_dir(out / "ratios" / f"r{int(round(r * 100)):02d}")
         if log:
             log(f"ratio {r:g}: pruning a copy of the trained model ({cfg.prune.method})")
         m = prune_and_measure(copy.deepcopy(model), data, sub, d, log=log)
@@ -325,5 +325,5 @@ def write_gate_histogram(model: nn.Module, threshold: float, path: Path) -> None
     ax.set_title("Gate values after training")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)
