@@ -1,8 +1,9 @@
 """One trial, end to end: config → data → gated model → training → pruning (iterative) →
 fine-tuning → measurement → export.
 
-Used by ``prunevision train`` and by the sweep layer. Writes, in ``out_dir``:
-``config.yaml`` (the resolved config, written before any work), ``checkpoint.pt`` (the
+Used by ``prunevision train`` and by the sweep layer. Writes, in ``out_dir`` (every file
+atomically, see :mod:`prunevision.fsutil`): ``config.yaml`` (the resolved config, written once
+the data has loaded and the model is built: a run refused before that writes nothing), ``checkpoint.pt`` (the
 training checkpoint: every ``train.checkpoint_every`` epochs and at the end),
 ``pruned.safetensors`` (the pruned model as data), ``model.onnx`` (pruned) and ``dense.onnx``
 (the trained network before pruning), ``gate_histogram.png`` and ``metrics.json``.
@@ -24,6 +25,7 @@ from prunevision.config import ConfigError, ExperimentConfig, save_config
 from prunevision.console import echo
 from prunevision.data import Dataset, DeviceLoader, load_dataset
 from prunevision.diagnostics import GATE_BINS, gate_snapshot, plot_gate_history
+from prunevision.fsutil import atomic_write, ensure_dir
 from prunevision.gates import gate_stats, iter_gates
 from prunevision.models import build_gated_model
 from prunevision.train import Reporter, TrainState, evaluate, fit, load_checkpoint, select_device
@@ -46,16 +48,25 @@ def run_training(
     resume: str | Path | None = None,
     reporter: Reporter | None = None,
     log: Callable[[str], None] | None = echo,
+    before_write: Callable[[], None] | None = None,
+    device: str | torch.device | None = None,
+    placement: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """Train, prune, measure and export one model into ``out_dir``. ``before_write`` is called
+    once the run is valid (data loaded, config resolved, model built), just before its first
+    file is written (``prunevision train`` clears a replaced run's outputs there). ``device``
+    overrides ``train.device`` where a scheduler decided where this process trains (a Ray trial:
+    the GPU Ray assigned it, or the CPU when it assigned none); ``placement`` (where the run ran:
+    node, GPU ids) is recorded in metrics.json as given."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     ckpt = load_checkpoint(resume) if resume is not None else None
     torch.manual_seed(cfg.seed)
-    device = select_device(cfg.train.device)
+    device = select_device(str(device) if device is not None else cfg.train.device)
+    if device.type == "cuda" and device.index is not None:  # plain "cuda" is the current device already
+        torch.cuda.set_device(device)  # what takes the current device (synchronize, caches) uses this one
     t_load = time.perf_counter()
     data = load_dataset(cfg.data, seed=cfg.seed)
     cfg = resolve_config(cfg, data)
-    save_config(cfg, out / "config.yaml")
     data.to(device)
     t_data = time.perf_counter() - t_load
     if log:
@@ -66,6 +77,10 @@ def run_training(
     model = build_gated_model(cfg.model, cfg.gates, data.num_classes, data.image_size,
                               pretrained=False if ckpt is not None else None)
     t_model = time.perf_counter() - t_model
+    if before_write is not None:
+        before_write()
+    ensure_dir(out)
+    save_config(cfg, out / "config.yaml")
     n_gates = sum(m.values().numel() for _, m in iter_gates(model))
     if log:
         n_params = sum(p.numel() for p in model.parameters())
@@ -95,6 +110,7 @@ def run_training(
         metrics.update(prune_and_measure(state.model, data, cfg, out, log=log))
         metrics["history"] = state.history + metrics.pop("prune_history")
     metrics["timings"] = {**timings, **metrics.get("timings", {})}
+    metrics.update(placement or {})
     write_json(out / "metrics.json", metrics)
     return metrics
 
@@ -130,10 +146,15 @@ def final_metrics(state: TrainState, data: Dataset, cfg: ExperimentConfig, train
     }
 
 
+# what a run writes in its folder (metrics.json marks a finished run): `prunevision train --overwrite`
+# removes these, and only these, of the run it replaces
+RUN_OUTPUTS = ("metrics.json", "config.yaml", "checkpoint.pt", "pruned.safetensors", "model.onnx", "dense.onnx",
+               "gate_history.json", "gate_histogram.png", "gate_histograms_over_training.png",
+               "first_conv_filters.png", "prune_steps.png", "ratio_curve.png", "ratios")
+
+
 def write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(_finite(obj), indent=2))
-    tmp.replace(path)
+    atomic_write(path, json.dumps(_finite(obj), indent=2))
 
 
 def _finite(o: Any) -> Any:

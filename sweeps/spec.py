@@ -143,6 +143,7 @@ def parse_sweep(raw: dict[str, Any], overrides: dict[str, Any] | None = None, de
             raise SweepError(f"resources.{k}: {v!r} must be a number ≥ 0")
     if resources.get("cpu", 1) <= 0:
         raise SweepError("resources.cpu: a trial needs some CPU (> 0)")
+    _check_gpu_request(resources.get("gpu", 0), base.train.device)
     scheduler = raw.get("scheduler")
     if scheduler is not None:
         if not isinstance(scheduler, dict) or scheduler.get("type") != "asha":
@@ -172,6 +173,18 @@ def parse_sweep(raw: dict[str, Any], overrides: dict[str, Any] | None = None, de
                                                                   failure.get("max_failures", 1), 0),
         score=dict(score), source=raw,
     )
+
+
+def _check_gpu_request(gpu: float, device: str) -> None:
+    """Ray gives a trial a fraction of one GPU (< 1) or whole GPUs; inside a trial, train.device
+    cuda:N is the N-th GPU Ray assigned it (sweeps/placement.py), so it needs N + 1 of them."""
+    if gpu > 1 and gpu != int(gpu):
+        raise SweepError(f"resources.gpu: {gpu!r}: a share of one GPU (below 1) or a whole number of GPUs")
+    if device.startswith("cuda"):
+        n = int(device.partition(":")[2] or 0)
+        if max(int(gpu), 1 if gpu > 0 else 0) <= n:
+            raise SweepError(f"train.device={device} needs {n + 1} GPU(s) per trial but resources.gpu is {gpu:g}: "
+                             "raise resources.gpu, or use train.device=auto (the GPU Ray assigns, else the CPU)")
 
 
 def _only(d: dict, allowed: tuple[str, ...], section: str) -> None:

@@ -21,3 +21,24 @@ def test_a_broken_cluster_yaml_is_rejected():
     cfg["max_workerz"] = 3
     with pytest.raises(Exception, match="max_workerz"):
         validate_config(prepare_config(cfg))
+
+
+def test_the_hybrid_sweep_fits_the_clusters_gpu_workers():
+    """cifar10_hybrid.yaml's resources per trial pack onto cluster.yaml's GPU workers as meant: the
+    GPU share sets how many trials a worker runs and its CPUs do not cut that number."""
+    from sweeps.run import trials_per_node
+    from sweeps.spec import load_sweep
+
+    cfg = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    spec = load_sweep(ROOT / "sweeps" / "configs" / "cifar10_hybrid.yaml")
+    res = spec.resources
+    gpu_types = {n: t for n, t in cfg["available_node_types"].items() if t["resources"].get("GPU", 0) >= 1}
+    assert gpu_types and 0 < res["gpu"] <= 1
+    for name, t in gpu_types.items():
+        node = t["resources"]
+        per_gpu = trials_per_node({"cpu": 1e-4, "gpu": res["gpu"]}, {"CPU": 1, "GPU": 1})
+        assert trials_per_node(res, node) == node["GPU"] * per_gpu >= 2, name  # the CPUs leave the GPU packing whole
+        assert spec.max_concurrent <= trials_per_node(res, node) * t["max_workers"], name  # the cluster can host them
+    head = cfg["available_node_types"][cfg["head_node_type"]]["resources"]
+    assert trials_per_node(res, head) == 0  # trials never land on the head
+    assert spec.base_config().train.device == "auto"  # each trial takes the GPU Ray assigns it
