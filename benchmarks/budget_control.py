@@ -23,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import RESULTS_MD, append_results, md_table, write_raw  # noqa: E402
+from prunevision.cli import add_set_argument  # noqa: E402
 
 
 def run_one(base: dict, model: str, budget: float, kind: str, seed: int) -> dict:
@@ -69,7 +70,7 @@ def main() -> int:
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--subset", type=int, default=10000)
-    ap.add_argument("--set", nargs="*", default=[], help="extra key=value config overrides")
+    add_set_argument(ap, "extra config overrides")
     ap.add_argument("--out", default="benchmarks/results/budget_control.json")
     ap.add_argument("--results-md", default=str(RESULTS_MD), help="where to append the table ('' for nowhere)")
     ap.add_argument("--smoke-test", action="store_true", help="synthetic data, 2 epochs, one run; appends nothing")
@@ -86,7 +87,7 @@ def main() -> int:
                 "data.num_classes": 4, "data.batch_size": 32, "data.image_size": 16, "train.epochs": 2,
                 "gates.warmup_epochs": 0, "gates.lr": 0.05, "prune.round_to": None}
         models, budgets, kinds, seeds = models[:1], budgets[:1], kinds[:1], seeds[:1]
-    base.update(parse_overrides(args.set))
+    base.update(parse_overrides(args.overrides))
     runs = []
     for model in models:
         for budget in budgets:

@@ -28,6 +28,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import RESULTS_MD, ROOT, append_results, machine, md_table  # noqa: E402
+from prunevision.cli import add_set_argument  # noqa: E402
 
 # 2,000 images in batches of 32 for 4 epochs: about as many gate updates (250) as a quickstart
 # trial (312), so the gates close as they do there; with batches of 128 here no gate closed.
@@ -94,7 +95,7 @@ def main() -> int:
     ap.add_argument("--trials", type=int, default=24)
     ap.add_argument("--population", type=int, default=8, help="NSGA-II population size (Optuna's default is 50)")
     ap.add_argument("--jobs", type=int, default=2, help="studies run side by side (one CPU thread each)")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_set_argument(ap, "extra config overrides")
     ap.add_argument("--out", default="benchmarks/results/search_efficiency.json")
     ap.add_argument("--results-md", default=str(RESULTS_MD), help="where to append the table ('' for nowhere)")
     ap.add_argument("--smoke-test", action="store_true", help="synthetic data, 3 trials, 1 seed; appends nothing")

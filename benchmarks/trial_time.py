@@ -22,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import RESULTS_MD, append_results, machine, md_table  # noqa: E402
+from prunevision.cli import add_set_argument  # noqa: E402
 
 TRIAL = {
     "model": {"name": "small_cnn"},
@@ -55,7 +56,7 @@ def loader_rate(data, batch_size: int, epochs: int = 2) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", default=None, help="CIFAR-10 root or archive (data.root)")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_set_argument(ap, "extra config overrides")
     ap.add_argument("--out", default="benchmarks/results/trial_time.json")
     ap.add_argument("--results-md", default=str(RESULTS_MD), help="where to append the table ('' for nowhere)")
     ap.add_argument("--smoke-test", action="store_true", help="synthetic data, 1 epoch; appends nothing")

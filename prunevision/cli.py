@@ -21,13 +21,35 @@ SMOKE_OVERRIDES = {
 }
 
 
+OVERWRITE_HELP = ("replace the run already in --out (refused without it); its files are removed only once the "
+                  "new run has loaded its data and built its model")
+
+
+class _KeyValues(argparse.Action):
+    """``--set a=1 b=2`` and ``--set a=1 --set b=2`` both add to one list of KEY=VALUE strings."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        for item in values:
+            if "=" not in item:
+                parser.error(f"{option_string} expects KEY=VALUE pairs, got {item!r} (arguments without a "
+                             f"--flag go before {option_string}, or after --)")
+        setattr(namespace, self.dest, [*(getattr(namespace, self.dest, None) or []), *values])
+
+
+def add_set_argument(p: argparse.ArgumentParser | argparse._ArgumentGroup, help: str) -> None:
+    """The ``--set KEY=VALUE [KEY=VALUE ...]`` option (repeatable) every command with overrides uses;
+    the pairs land in ``args.overrides``, in order (a later pair for the same key wins)."""
+    p.add_argument("--set", dest="overrides", action=_KeyValues, nargs="+", default=[], metavar="KEY=VALUE",
+                   help=f"{help}; several pairs per --set, and --set repeats")
+
+
 def _train_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train one gated model",
                        description="Train one gated model; writes metrics.json, checkpoint.pt and config.yaml.")
     p.add_argument("config", nargs="?", help="YAML experiment config")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key (dotted path, e.g. gates.lam=2), repeatable")
+    add_set_argument(p, "override config keys (dotted paths, e.g. gates.lam=2)")
     p.add_argument("--out", default="runs/train", help="output folder (default: runs/train)")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument("--resume", metavar="CHECKPOINT",
                    help="continue from a checkpoint (its config, with --set overrides on top)")
     p.add_argument("--smoke-test", action="store_true",
@@ -38,9 +60,9 @@ def _prune_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("prune", help="prune, fine-tune, measure and export a trained checkpoint",
                        description="Prune a training checkpoint (from `prunevision train`) and measure it.")
     p.add_argument("checkpoint", help="training checkpoint (checkpoint.pt or its folder)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override prune.*/measure.*/data.* keys, e.g. prune.threshold=0.3")
+    add_set_argument(p, "override prune.*/measure.*/data.* keys, e.g. prune.threshold=0.3")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
 
 
 def _export_parser(sub: argparse._SubParsersAction) -> None:
@@ -59,6 +81,9 @@ def _export_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--registered-model", default=None, metavar="NAME",
                    help="MLflow registered model name (default: prunevision-<sweep name>)")
     g.add_argument("--no-register", action="store_true", help="do not register the model in MLflow")
+    from analysis.cli import add_int8_args
+
+    add_int8_args(p)
 
 
 def _analyze_parser(sub: argparse._SubParsersAction) -> None:
@@ -69,6 +94,10 @@ def _analyze_parser(sub: argparse._SubParsersAction) -> None:
 
 def cmd_analyze(args: argparse.Namespace) -> int:
     from analysis.cli import run_analyze
+    from prunevision.fsutil import check_writable_dir
+
+    if args.out or Path(args.sweep_dir).is_dir():  # (not a folder at all: analyze says what it is)
+        check_writable_dir(args.out or Path(args.sweep_dir) / "analysis", "--out")
 
     return run_analyze(args)
 
@@ -83,6 +112,11 @@ def _sweep_parser(sub: argparse._SubParsersAction) -> None:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from sweeps.cli import run
 
+    storage = getattr(args, "storage", None)
+    if args.sweep_command == "run" and storage and "://" not in storage:
+        from prunevision.fsutil import check_writable_dir
+
+        check_writable_dir(storage, "--storage")  # before the sweep file, the dataset or Ray
     return run(args)
 
 
@@ -112,21 +146,22 @@ def build_config(args: argparse.Namespace) -> ExperimentConfig:
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = build_config(args)  # every config problem is reported here, before any work
-    from prunevision.pipeline import run_training
+    from prunevision.fsutil import claim_run_folder
+    from prunevision.pipeline import RUN_OUTPUTS, run_training
 
-    metrics = run_training(cfg, args.out, resume=args.resume)
-    out = Path(args.out)
-    print_summary(metrics, out)
+    # locked for the run; a finished run there is kept unless --overwrite
+    with claim_run_folder(args.out, RUN_OUTPUTS, finished="metrics.json", overwrite=args.overwrite,
+                          resume=args.resume, hint=f" (continue it with --resume {args.out})") as folder:
+        metrics = run_training(cfg, args.out, resume=args.resume, before_write=folder.begin)
+        print_summary(metrics, folder.path)
     return 0
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
     from prunevision.config import from_dict
-    from prunevision.data import load_dataset
-    from prunevision.models import build_gated_model
-    from prunevision.pipeline import write_json
-    from prunevision.train import CheckpointError, load_checkpoint, select_device
-    from prunevision.trial import prune_and_measure
+    from prunevision.fsutil import claim_run_folder
+    from prunevision.pipeline import RUN_OUTPUTS
+    from prunevision.train import load_checkpoint
 
     ckpt = load_checkpoint(args.checkpoint)
     overrides = parse_overrides(args.overrides)
@@ -134,7 +169,20 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if bad:
         raise ConfigError(f"{bad[0]}: prune keeps the trained model; only prune.*, measure.* and data.* can change")
     cfg = from_dict(ckpt["config"].to_dict(), overrides)
-    out = Path(args.out)
+    with claim_run_folder(args.out, RUN_OUTPUTS, finished="metrics.json", overwrite=args.overwrite,
+                          source=args.checkpoint) as folder:
+        return _prune_into(folder, ckpt, cfg)
+
+
+def _prune_into(folder, ckpt: dict, cfg: ExperimentConfig) -> int:
+    from prunevision.config import save_config
+    from prunevision.data import load_dataset
+    from prunevision.models import build_gated_model
+    from prunevision.pipeline import write_json
+    from prunevision.train import CheckpointError, select_device
+    from prunevision.trial import prune_and_measure
+
+    out = folder.path
     device = select_device(cfg.train.device)
     data = load_dataset(cfg.data, seed=cfg.seed)
     model = build_gated_model(cfg.model, cfg.gates, data.num_classes, data.image_size, pretrained=False)
@@ -142,9 +190,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint does not fit its model: {' '.join(str(e).split())[:300]}") from None
-    out.mkdir(parents=True, exist_ok=True)
-    from prunevision.config import save_config
-
+    folder.begin()
     save_config(cfg, out / "config.yaml")
     metrics = prune_and_measure(model.to(device), data.to(device), cfg, out)
     metrics["history"] = ckpt["history"] + metrics.pop("prune_history")
@@ -156,11 +202,17 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from analysis.cli import is_sweep_dir
+    from prunevision.fsutil import check_writable_dir
+
+    check_writable_dir(Path(args.out).parent, "the folder of --out")  # before loading or exporting anything
 
     if is_sweep_dir(args.checkpoint):
         from analysis.cli import run_export
 
         return run_export(args)
+    from analysis.cli import int8_options
+
+    int8 = int8_options(args)  # checked before any work
     from prunevision.checkpoint import load_pruned, read_pruned
     from prunevision.export import export_onnx
 
@@ -171,7 +223,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     else:
         from prunevision.models import build_gated_model
         from prunevision.prune import strip_gates
-        from prunevision.train import load_checkpoint
+        from prunevision.train import CheckpointError, load_checkpoint
 
         ckpt = load_checkpoint(path)
         cfg = ckpt["config"]
@@ -179,11 +231,19 @@ def cmd_export(args: argparse.Namespace) -> int:
             raise ConfigError("the checkpoint's config has no resolved model.num_classes")
         size = int(ckpt.get("image_size", 32))
         model = build_gated_model(cfg.model, cfg.gates, cfg.model.num_classes, size, pretrained=False)
-        model.load_state_dict(ckpt["model"])
+        try:
+            model.load_state_dict(ckpt["model"])
+        except RuntimeError as e:
+            raise CheckpointError(f"{path} does not fit its own model config: {' '.join(str(e).split())[:300]}") \
+                from None
         strip_gates(model)
     r = export_onnx(model, args.out, size, exporter=args.exporter)
     print(f"wrote {r['path']} ({r['size_bytes'] / 1e6:.2f} MB); ONNX Runtime vs PyTorch max abs diff "
           f"{r['max_abs_diff']:.2e} over {r['checked_batches']} batches")
+    if int8 is not None:
+        from analysis.cli import run_checkpoint_int8
+
+        return run_checkpoint_int8(args, r, size, int8)
     return 0
 
 
@@ -205,7 +265,7 @@ def print_summary(metrics: dict, out: Path) -> None:
     print(f"results in {out}/: {', '.join(files)}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prunevision", description="Learn which channels a CNN can do without.")
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
@@ -213,22 +273,29 @@ def main(argv: list[str] | None = None) -> int:
     _export_parser(sub)
     _sweep_parser(sub)
     _analyze_parser(sub)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     from analysis.pareto import ConstraintError
     from analysis.remeasure import RemeasureError
     from analysis.results import SweepDataError
     from prunevision.checkpoint import PrunedCheckpointError
     from prunevision.data import DatasetError
     from prunevision.export import ExportError
+    from prunevision.fsutil import OutputError
     from prunevision.models import PretrainedWeightsError
     from prunevision.prune import PruneError
+    from prunevision.quantize import QuantizeError
     from prunevision.train import CheckpointError
 
     try:
         return {"train": cmd_train, "prune": cmd_prune, "export": cmd_export, "sweep": cmd_sweep,
                 "analyze": cmd_analyze}[args.command](args)
     except (ConfigError, DatasetError, PretrainedWeightsError, CheckpointError, PrunedCheckpointError, ExportError,
-            PruneError, FloatingPointError, SweepDataError, ConstraintError, RemeasureError) as e:
+            PruneError, FloatingPointError, SweepDataError, ConstraintError, RemeasureError, OutputError,
+            QuantizeError) as e:
         print(f"prunevision: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -4,17 +4,24 @@ Trials log from inside the trial (they may run on other nodes), through
 :class:`TrialLogger`, which retries when the tracking server blinks and writes what it could
 not send to ``mlflow_pending.jsonl`` in the trial folder, sending it with the next call that
 gets through. A trial never fails because of MLflow.
+
+With ``mlflow.log_models`` each trial's pruned model becomes an MLflow logged model (ONNX flavour)
+linked to its run and final metrics, and every trial records the dataset it used
+(``mlflow.log_input``-style, context ``training``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +29,18 @@ from sweeps.spec import SweepError
 
 TRIAL_TAG = "prunevision.trial_id"
 SWEEP_TAG = "prunevision.sweep_dir"
+DEFAULT_EXPERIMENT = "prunevision"
+# MLflow 3's UI shows an experiment of this kind as model training (runs, logged models), not GenAI
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+# calls that are given up (with a warning) when they fail while the server answers: what the run
+# would miss, said in that warning
+OPTIONAL_OPS = {"model": "the pruned model was not logged as an MLflow model; its files are in the run's "
+                         "artifacts under model/"}
+
+
+def experiment_name(mlflow_cfg: dict[str, Any] | None) -> str:
+    """The MLflow experiment of a sweep: the sweep file's ``mlflow.experiment``, else prunevision."""
+    return (mlflow_cfg or {}).get("experiment") or DEFAULT_EXPERIMENT
 
 
 def resolve_tracking_uri(spec_uri: str | None) -> str:
@@ -53,11 +72,14 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
 
 
 def git_commit() -> str:
+    """The commit of this code: git's, else ``PRUNEVISION_GIT_COMMIT`` (a Ray job's working dir is
+    uploaded without ``.git``; pass it with ``--runtime-env-json``), else "unknown"."""
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                              cwd=Path(__file__).resolve().parent).stdout.strip() or "unknown"
+        found = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                               cwd=Path(__file__).resolve().parent).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        found = ""
+    return found or os.environ.get("PRUNEVISION_GIT_COMMIT", "").strip() or "unknown"
 
 
 def client(uri: str):
@@ -67,13 +89,17 @@ def client(uri: str):
 
 
 def experiment_id(c, name: str) -> str:
+    """The experiment's id, created (or restored) when needed, and marked as model training unless
+    someone chose its kind already."""
     exp = c.get_experiment_by_name(name)
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
             c.restore_experiment(exp.experiment_id)
+        if EXPERIMENT_KIND_TAG not in exp.tags:
+            c.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return exp.experiment_id
     try:
-        return c.create_experiment(name)
+        return c.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
     except Exception:  # created meanwhile by another process
         return c.get_experiment_by_name(name).experiment_id
 
@@ -103,6 +129,49 @@ def _param_str(v: Any) -> str:
     return s[:6000]
 
 
+def _fingerprint(root: str | Path | None) -> list[Any]:
+    """Cheap identity of a dataset's files: a file's (path, size, mtime); a folder's entries two
+    levels deep (adding or removing images changes their folders' mtimes). No file is read, and
+    what cannot be listed leaves just the path."""
+    if not root:
+        return []
+    path = Path(root).expanduser().resolve()
+    try:
+        entries = [path, *(sorted(path.iterdir()) if path.is_dir() else [])]
+        for sub in entries[1:]:
+            if sub.is_dir():
+                entries += sorted(sub.iterdir())
+        out: list[Any] = []
+        for e in entries:
+            st = e.stat()
+            out.append([str(e), st.st_size if e.is_file() else None, st.st_mtime_ns])
+        return out
+    except OSError:  # gone, or not readable here: never a reason to fail the trial
+        return [str(path)]
+
+
+def dataset_record(data_cfg: dict[str, Any], seed: int, used: dict[str, Any]) -> dict[str, Any]:
+    """What ``log_dataset`` sends for a trial: name, split sizes (``used``: metrics.json's
+    ``dataset``), source and a digest of the files' identity plus everything that picks the images
+    (subset sizes, classes, validation share, seed), so that trials which saw the same images share
+    one MLflow dataset."""
+    name = used.get("name") or data_cfg.get("name") or "dataset"
+    root = data_cfg.get("root")
+    if name == "imagefolder" and root:
+        name = f"imagefolder:{Path(str(root).rstrip('/')).name}"
+    splits = {"train": used.get("train_images"), "validation": used.get("val_images"), "test": used.get("test_images")}
+    picks = {k: data_cfg.get(k) for k in ("name", "subset", "test_subset", "val_split", "classes", "class_head",
+                                          "image_size", "num_classes", "synthetic_train", "synthetic_test")}
+    # not the decoded cache's path (``used["source"]``): it differs between machines for the same images
+    identity = {"files": _fingerprint(root), "picks": picks, "seed": seed, "splits": splits}
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    source = str(Path(root).expanduser().resolve()) if root else str(used.get("source") or name)
+    profile = {**splits, "classes": len(used.get("classes") or []) or None, "image_size": used.get("image_size")}
+    return {"name": name, "digest": digest, "source_type": "local" if root else "code",
+            "source": json.dumps({"uri": source} if root else {"tags": {"prunevision.data": source}}),
+            "profile": json.dumps(profile)}
+
+
 def child_runs(c, exp_id: str, parent_id: str) -> list:
     return c.search_runs([exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=5000)
 
@@ -117,6 +186,7 @@ class TrialLogger:
         self.pending_path = Path(trial_dir) / "mlflow_pending.jsonl"
         self.retries, self.backoff, self.sleep = retries, backoff, sleep
         self.run_id: str | None = None
+        self.logged_upto = 0  # epochs the child run already holds (a restarted or resumed trial)
         self._client = client(uri)
 
     # -- the calls -----------------------------------------------------------------------
@@ -131,6 +201,18 @@ class TrialLogger:
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if Path(path).exists():
             self._do({"op": "artifact", "path": str(path), "artifact_path": artifact_path})
+
+    def log_dataset(self, record: dict[str, Any], context: str = "training") -> None:
+        """Record the dataset the trial used (a :func:`dataset_record`) as the run's input."""
+        self._do({"op": "input", "dataset": record, "context": context})
+
+    def log_model(self, onnx_path: str | Path, step: int) -> None:
+        """Log the pruned ONNX model as an MLflow logged model of this run, linked to the run's
+        metrics at ``step`` (the final ones). A model that cannot be logged while the server
+        answers costs a warning line, never the trial; while the server is down it waits in the
+        pending file like every other call."""
+        if Path(onnx_path).exists():
+            self._do({"op": "model", "path": str(onnx_path), "step": int(step)})
 
     def finish(self, status: str = "FINISHED") -> int:
         """End the run; returns how many operations are still unsent (kept in the pending file)."""
@@ -168,12 +250,24 @@ class TrialLogger:
             try:
                 self._send(op)
                 return True
-            except Exception:  # any transport or server error: wait and try again
+            except Exception as e:  # any transport or server error: wait and try again
+                if op["op"] in OPTIONAL_OPS and attempt >= 1 and self._answers():
+                    # failing twice while the server answers: the call itself fails, not the network
+                    print(f"prunevision: warning: MLflow: trial {self.trial_id}: {OPTIONAL_OPS[op['op']]} "
+                          f"({' '.join(str(e).split())[:300] or type(e).__name__})", file=sys.stderr, flush=True)
+                    return True
                 if attempt == self.retries - 1:
                     return False
                 self.sleep(delay)
                 delay = min(delay * 2, 8.0)
         return False
+
+    def _answers(self) -> bool:
+        try:
+            self._client.get_run(self._ensure_run())
+            return True
+        except Exception:
+            return False
 
     def _ensure_run(self) -> str:
         if self.run_id is None:
@@ -186,6 +280,10 @@ class TrialLogger:
                 self.run_id = runs[0].info.run_id
                 if runs[0].info.status != "RUNNING":
                     self._client.update_run(self.run_id, status="RUNNING")
+                # epochs logged before the trial was cut off and not checkpointed run again: their
+                # second results are not logged, so the history holds one point per epoch
+                self.logged_upto = max((m.step for m in self._client.get_metric_history(self.run_id, "epoch")),
+                                       default=0)
             else:
                 run = self._client.create_run(self.exp_id, run_name=self.trial_name, tags={
                     "mlflow.parentRunId": self.parent_id, TRIAL_TAG: self.trial_id})
@@ -203,10 +301,76 @@ class TrialLogger:
             for i in range(0, len(new), 100):
                 self._client.log_batch(run_id, params=new[i:i + 100])
         elif kind == "metrics":
+            if "epoch" in op["metrics"] and op["step"] <= self.logged_upto:
+                return
             ms = [Metric(k, v, op["ts"], op["step"]) for k, v in op["metrics"].items()]
             for i in range(0, len(ms), 1000):
                 self._client.log_batch(run_id, metrics=ms[i:i + 1000])
         elif kind == "artifact":
             self._client.log_artifact(run_id, op["path"], op.get("artifact_path"))
+        elif kind == "input":
+            from mlflow.entities import Dataset, DatasetInput, InputTag
+            from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+            self._client.log_inputs(run_id, datasets=[DatasetInput(
+                Dataset(**op["dataset"]), tags=[InputTag(MLFLOW_DATASET_CONTEXT, op["context"])])])
+        elif kind == "model":
+            self._log_model(run_id, Path(op["path"]), op["step"])
         elif kind == "end":
             self._client.set_terminated(run_id, status=op["status"])
+
+    def _log_model(self, run_id: str, onnx_path: Path, step: int) -> None:
+        import mlflow
+        import mlflow.onnx
+        import onnx
+        from mlflow.entities import LoggedModelStatus
+
+        onnx_model = onnx.load(str(onnx_path))  # a missing or damaged file fails here, before MLflow
+        # a retry after a partial upload completes the model it created, never a second one
+        mine = [m for m in self._client.search_logged_models([self.exp_id], filter_string=f"source_run_id = "
+                                                             f"'{run_id}'") if m.tags.get(TRIAL_TAG) == self.trial_id]
+        if any(m.status == LoggedModelStatus.READY for m in mine):
+            return
+        model = mine[0] if mine else self._client.create_logged_model(
+            self.exp_id, name=self.trial_name, source_run_id=run_id, model_type="pruned-onnx",
+            params=dict(list(self._client.get_run(run_id).data.params.items())[:500]),
+            tags={TRIAL_TAG: self.trial_id})
+        with use_tracking_uri(self.uri):  # log_model's own client and status update use it
+            mlflow.onnx.log_model(onnx_model, model_id=model.model_id, run_id=run_id, step=step,
+                                  signature=_onnx_signature(onnx_model),
+                                  # the flavour's own requirements: inferring them costs a subprocess (2 s)
+                                  pip_requirements=mlflow.onnx.get_default_pip_requirements())
+
+
+@contextmanager
+def use_tracking_uri(uri: str):
+    """MLflow's process-wide tracking URI (and the MLFLOW_TRACKING_URI it sets) for a while, then
+    exactly as before: the process may be a Ray worker or a test that reads its own settings."""
+    import mlflow
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    old_uri, old_env = getattr(tracking_utils, "_tracking_uri", None), os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(old_uri)
+        if old_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = old_env
+
+
+def _onnx_signature(onnx_model):
+    """The model's input and output tensors (a dynamic dimension as -1), for the MLflow model."""
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+    from onnx import helper
+
+    def spec(values):
+        return Schema([TensorSpec(np.dtype(helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type)),
+                                  tuple(d.dim_value or -1 for d in v.type.tensor_type.shape.dim), v.name)
+                       for v in values])
+
+    return ModelSignature(inputs=spec(onnx_model.graph.input), outputs=spec(onnx_model.graph.output))
