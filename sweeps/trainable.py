@@ -13,17 +13,18 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
-import ray
 from ray import tune
 
 from prunevision.config import from_dict
 from prunevision.pipeline import run_training
-from sweeps.run import FINAL_KEY
+from sweeps.placement import current_placement, wait_for_peers
+from sweeps.run import FINAL_KEY, MLFLOW_TRIAL_KEY, RESUME_KEY, interrupted_checkpoint
 from sweeps.spec import scalar_score
-from sweeps.tracking import TrialLogger
+from sweeps.tracking import TrialLogger, dataset_record
 
 # metrics reported at the end (besides the objectives): what the analysis step reads. val_accuracy
 # (validation split) is what the sweep optimises; accuracy (test split) is reported alongside.
@@ -40,11 +41,20 @@ def sweep_trial(config: dict[str, Any], *, base: dict[str, Any], settings: dict[
     params = {k: v for k, v in config.items() if not k.startswith("_")}
     cfg = from_dict(base, params)
     ctx = tune.get_context()
+    # where this attempt runs: node, the GPUs Ray assigned (CUDA_VISIBLE_DEVICES) and the device
+    # it trains on, in every result, metrics.json and the child run's params (first attempt's)
+    where = current_placement(cfg.train.device)
+    placed = {k: where[k] for k in ("node_id", "gpu_ids", "device")}
+    # when this attempt ran (unix seconds; nested, so that neither MLflow nor the analysis takes
+    # the times for metrics): which trials ran side by side
+    started_at = time.time()
     trial_dir = Path(ctx.get_trial_dir())
     out = trial_dir / "artifacts"
+    # a trial `sweep resume` queued again goes on in the MLflow child run of the trial it replaces,
+    # from that trial's newest checkpoint (unless Ray already restored one of its own)
     logger = TrialLogger(settings["tracking_uri"], settings["experiment_id"], settings["parent_run_id"],
-                         ctx.get_trial_id(), ctx.get_trial_name(), trial_dir)
-    logger.start(cfg.flat())
+                         config.get(MLFLOW_TRIAL_KEY) or ctx.get_trial_id(), ctx.get_trial_name(), trial_dir)
+    logger.start({**cfg.flat(), **placed})
 
     resume = None
     ckpt = tune.get_checkpoint()
@@ -53,25 +63,33 @@ def sweep_trial(config: dict[str, Any], *, base: dict[str, Any], settings: dict[
             resume = out / "resume.pt"
             out.mkdir(parents=True, exist_ok=True)
             shutil.copy(Path(d) / "checkpoint.pt", resume)
+    elif config.get(RESUME_KEY) and settings.get("sweep_dir"):
+        prior = interrupted_checkpoint(settings["sweep_dir"], config[RESUME_KEY])
+        if prior is not None:
+            resume = out / "resume.pt"
+            out.mkdir(parents=True, exist_ok=True)
+            shutil.copy(prior, resume)
 
     weights = settings["score"]
-    node_id = ray.get_runtime_context().get_node_id()  # where this attempt runs (several nodes)
     # test hook: fail every trial once, mid-run (markers in a folder every attempt can see)
     fail_once = settings.get("_fail_once_after_epoch")
     marker = Path(settings.get("_fail_marker_dir") or trial_dir) / f"{ctx.get_trial_id()}.failed_once"
 
     def report(record: dict[str, Any], save) -> None:
-        metrics = dict(record, score=scalar_score(record, weights), node_id=node_id)
+        metrics = dict(record, score=scalar_score(record, weights), **placed)
         logger.log_metrics(metrics, step=record["epoch"])
         with tempfile.TemporaryDirectory() as tmp:
             save(Path(tmp) / "checkpoint.pt")
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+            tune.report(dict(metrics, span={"started_at": started_at}), checkpoint=tune.Checkpoint.from_directory(tmp))
         if fail_once and record["epoch"] == fail_once and not marker.exists():
             marker.touch()
             raise RuntimeError("injected failure (test)")
 
+    if settings.get("_peers_dir"):  # test hook: hold until that many trials run side by side
+        wait_for_peers(settings["_peers_dir"], ctx.get_trial_id(), settings["_peers"])
     try:
-        metrics = run_training(cfg, out, resume=resume, reporter=report, log=None)
+        metrics = run_training(cfg, out, resume=resume, reporter=report, log=None, device=where["device"],
+                               placement={k: where[k] for k in ("node_id", "gpu_ids", "cuda_visible_devices")})
     except BaseException:
         logger.finish("FAILED")
         raise
@@ -79,6 +97,7 @@ def sweep_trial(config: dict[str, Any], *, base: dict[str, Any], settings: dict[
     last = metrics["history"][-1] if metrics.get("history") else {}
     final.update({"epoch": cfg.train.epochs, "score": scalar_score(last, weights), FINAL_KEY: 1})
     logger.log_metrics(final, step=cfg.train.epochs + 1)
+    logger.log_dataset(dataset_record(cfg.to_dict()["data"], cfg.seed, metrics.get("dataset") or {}))
     for name in ("metrics.json", "config.yaml", "gate_history.json"):
         logger.log_artifact(out / name)
     for png in sorted(out.glob("*.png")):  # gate histograms, filter grid, pruning steps, ratio curve
@@ -86,8 +105,9 @@ def sweep_trial(config: dict[str, Any], *, base: dict[str, Any], settings: dict[
     if settings.get("log_models"):
         for name in ("pruned.safetensors", "model.onnx"):
             logger.log_artifact(out / name, "model")
+        logger.log_model(out / "model.onnx", step=cfg.train.epochs + 1)  # linked to the final metrics
     final["mlflow_unsent"] = logger.finish("FINISHED")
-    final["node_id"] = node_id
+    final.update(placed, span={"started_at": started_at, "finished_at": time.time()})
     # The trial's outputs (metrics.json, pruned.safetensors, model.onnx, ...) travel to the sweep's
     # storage as its final checkpoint: the one place Ray persists reliably on any node.
     if resume is not None:

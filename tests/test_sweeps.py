@@ -9,13 +9,16 @@ import sys
 import time
 from pathlib import Path
 
+import mlflow.onnx
+import numpy as np
+import onnxruntime as ort
 import optuna
 import pytest
 import ray
 
 from sweeps.run import build_tuner, prepare, run_sweep, sweep_status
 from sweeps.spec import parse_sweep
-from sweeps.tracking import TrialLogger, child_runs, client
+from sweeps.tracking import TrialLogger, child_runs, client, use_tracking_uri
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = {
@@ -42,7 +45,7 @@ def make_spec(name, n=4, conc=2, **kw):
 def local_ray(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)  # never a cluster started by another
     yield tmp_path
     ray.shutdown()
 
@@ -53,7 +56,7 @@ def study_states(summary):
 
 
 def test_sweep_records_every_trial_and_retries_from_checkpoint(local_ray):
-    spec = make_spec("e2e", n=3, conc=2)
+    spec = make_spec("e2e", n=3, conc=2, mlflow={"experiment": "exp-e2e", "log_models": True})
     state = prepare(spec, local_ray / "runs")
     state["settings"]["_fail_once_after_epoch"] = 1  # every trial fails once, after its first epoch
     state["settings"]["_fail_marker_dir"] = str(local_ray)
@@ -81,6 +84,7 @@ def test_sweep_records_every_trial_and_retries_from_checkpoint(local_ray):
     assert len(kids) == 3
     parent = c.get_run(summary["parent_run_id"])
     assert parent.data.tags["prunevision.sweep"] == "e2e" and "git_commit" in parent.data.tags
+    digests = set()
     for run in kids:
         assert run.info.status == "FINISHED" and run.info.run_name.startswith("sweep_trial_")
         assert "gates.lam" in run.data.params and "model.name" in run.data.params
@@ -92,6 +96,28 @@ def test_sweep_records_every_trial_and_retries_from_checkpoint(local_ray):
         plots = {a.path for a in c.list_artifacts(run.info.run_id, "plots")}
         assert {"plots/gate_histogram.png", "plots/first_conv_filters.png",
                 "plots/gate_histograms_over_training.png"} <= plots
+        # log_models: the files, and the pruned model as an MLflow logged model linked to the run's final metrics
+        assert {"model/pruned.safetensors", "model/model.onnx"} <= {
+            a.path for a in c.list_artifacts(run.info.run_id, "model")}
+        full = c.get_run(run.info.run_id)  # with its inputs and outputs
+        [out] = full.outputs.model_outputs
+        model = c.get_logged_model(out.model_id)
+        assert model.source_run_id == run.info.run_id and str(model.status) == "READY"
+        linked = {m.key: m.value for m in model.metrics}
+        assert linked["val_accuracy"] == run.data.metrics["val_accuracy"] and "latency_ms" in linked
+        with use_tracking_uri(summary["tracking_uri"]):
+            onnx_model = mlflow.onnx.load_model(f"models:/{out.model_id}")
+        x = np.zeros((2, 3, 16, 16), dtype=np.float32)
+        assert ort.InferenceSession(onnx_model.SerializeToString()).run(None, {onnx_model.graph.input[0].name: x})[
+            0].shape == (2, 4)
+        # the dataset it used: name, split sizes (96 images, 10 % for validation; 48 test), digest
+        [inp] = full.inputs.dataset_inputs
+        digests.add(inp.dataset.digest)
+        assert inp.dataset.name == "synthetic" and [(t.key, t.value) for t in inp.tags] == [
+            ("mlflow.data.context", "training")]
+        profile = json.loads(inp.dataset.profile)
+        assert (profile["train"], profile["validation"], profile["test"], profile["classes"]) == (86, 10, 48, 4)
+    assert len(digests) == 1  # the trials saw the same images: one dataset
 
 
 def _fit(spec, state):
@@ -355,13 +381,15 @@ def test_interrupted_sweep_resumes_to_exactly_n_trials(tmp_path):
     cmd = [sys.executable, "-m", "prunevision", "sweep", "run", str(spec_file), "--storage", str(tmp_path / "runs"),
            "--num-cpus", "1", "--smoke-test", "--set", "search.num_samples=3", "--set", "search.max_concurrent=1",
            "--set", "train.epochs=3"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    err = open(tmp_path / "run.err", "w")
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=err,
                             start_new_session=True)
     sweep_dir = tmp_path / "runs" / "smoke"
     deadline = time.time() + 300
-    while time.time() < deadline:  # interrupt once one trial is done and another has started
-        finals = [p for p in sweep_dir.glob("*/result.json") if "trial_final" in p.read_text()]
-        if finals and len(list(sweep_dir.glob("*/result.json"))) >= 2:
+    while time.time() < deadline:  # interrupt once one trial is done and another has checkpointed
+        results = {p.parent: p.read_text() for p in sweep_dir.glob("*/result.json")}
+        running = [d for d, text in results.items() if "trial_final" not in text]
+        if len(results) > len(running) and any(list(d.glob("checkpoint_*/checkpoint.pt")) for d in running):
             break
         time.sleep(0.5)
     os.killpg(proc.pid, signal.SIGINT)
@@ -370,13 +398,83 @@ def test_interrupted_sweep_resumes_to_exactly_n_trials(tmp_path):
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    err.close()
     subprocess.run([sys.executable, "-c", "import ray; ray.shutdown()"], check=False)
+    # Ctrl-C is not a success: exit 130, the parent run KILLED, and the hint is our own command
+    assert proc.returncode == 130, (tmp_path / "run.err").read_text()[-3000:]
+    assert f"prunevision sweep resume {sweep_dir}" in (tmp_path / "run.err").read_text()
+    before = sweep_status(sweep_dir)
+    c = client(before["tracking_uri"])
+    assert c.get_run(before["parent_run_id"]).info.status == "KILLED"
+
+    # the sweep folder is untrusted: resume never unpickles what is in it (Ray's tuner.pkl,
+    # experiment and searcher state); a crafted pickle that would leave a marker is not run
+    marker = tmp_path / "pwned"
+    crafted = b"cos\nsystem\n(S'touch " + str(marker).encode() + b"'\ntR."
+    for f in [sweep_dir / "tuner.pkl", *sweep_dir.glob("searcher-state-*.pkl")]:
+        f.write_bytes(crafted)
+
     r = subprocess.run([sys.executable, "-m", "prunevision", "sweep", "resume", str(sweep_dir), "--num-cpus", "1"],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert not marker.exists()
     summary = sweep_status(sweep_dir)
     assert len(summary["trials"]) == 3 and all(t["final"] for t in summary["trials"])
-    c = client(summary["tracking_uri"])
+    assert c.get_run(summary["parent_run_id"]).info.status == "FINISHED"
     kids = child_runs(c, summary["experiment_id"], summary["parent_run_id"])
     assert len(kids) == 3  # the interrupted trial kept its child run
     assert len({k.data.tags["prunevision.trial_id"] for k in kids}) == 3
+    for k in kids:  # exactly one point per epoch, the interrupted trial's included
+        assert k.info.status == "FINISHED"
+        steps = [h.step for h in c.get_metric_history(k.info.run_id, "test_accuracy")]
+        assert sorted(steps) == [1, 2, 3], steps
+    # the cut-off trial went on from its checkpoint: it did not train its first epoch again
+    moved = list((sweep_dir / ".interrupted").iterdir())
+    assert len(moved) == 1
+    resumed = [t for t in summary["trials"]
+               if json.loads((Path(t["trial_dir"]) / "params.json").read_text()).get("_resume_of")]
+    assert len(resumed) == 1
+    lines = [json.loads(x) for x in (Path(resumed[0]["trial_dir"]) / "result.json").read_text().splitlines() if x]
+    epochs = [r["epoch"] for r in lines if not r.get("trial_final")]
+    assert 1 not in epochs and lines[-1].get("trial_final"), epochs
+
+
+def test_sweep_folder_copied_is_read_where_it_is(tmp_path):
+    # `sweep status` on a copy acts on the copy, not on the folder recorded inside it
+    import shutil
+
+    from sweeps.run import STATE_FILE
+
+    src = tmp_path / "a" / "s1"
+    src.mkdir(parents=True)
+    state = {"name": "s1", "storage": str(src.parent), "sweep_dir": str(src), "source": {}, "base": {},
+             "settings": {"tracking_uri": "sqlite:///x.db", "experiment_id": "1", "parent_run_id": "p"},
+             "run": {"objectives": {"val_accuracy": "max"}, "num_samples": 1}}
+    (src / STATE_FILE).write_text(json.dumps(state))
+    dst = tmp_path / "b" / "copy"
+    shutil.copytree(src, dst)
+    shutil.rmtree(src)
+    s = sweep_status(dst)
+    assert s["sweep_dir"] == str(dst.resolve()) and s["study"].startswith(str(dst.resolve()))
+
+
+def test_local_ray_listens_on_loopback_only(tmp_path):
+    # a local sweep's Ray (GCS, raylet, workers, this driver): no listening socket off loopback
+    code = """
+import json, psutil, ray
+from sweeps.run import init_ray
+init_ray(None, num_cpus=1)
+ray.get(ray.remote(lambda: 1).remote())  # a worker is up
+me = psutil.Process()
+pids = {me.pid} | {p.pid for p in me.children(recursive=True)}
+socks = [(c.laddr.ip, c.laddr.port, c.pid) for c in psutil.net_connections(kind="inet")
+         if c.status == psutil.CONN_LISTEN and c.pid in pids]
+print(json.dumps(socks))
+ray.shutdown()
+"""
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    socks = json.loads(r.stdout.strip().splitlines()[-1])
+    assert len(socks) >= 3  # GCS, raylet, worker at least
+    off = [s for s in socks if s[0] not in ("127.0.0.1", "::1", "::ffff:127.0.0.1")]
+    assert not off, off
