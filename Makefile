@@ -7,7 +7,7 @@ OUT    ?= runs/quickstart
 RUNS   ?= prunevision-runs
 DATA   ?=
 
-.PHONY: quickstart train-one test lint smoke venv clean
+.PHONY: quickstart train-one test test-fast lint smoke venv clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ train-one: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# inner-loop work: everything but the tests marked slow (real Ray, servers, clusters, whole sweeps)
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -20,6 +20,8 @@ from prunevision.cli import build_parser, main
 from sweeps.cli import print_summary
 from sweeps.run import STUDY_FILE, prepare, sweep_status
 
+pytestmark = pytest.mark.slow  # real Ray / MLflow servers / subprocess sweeps
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -20,6 +20,8 @@ from sweeps.run import build_tuner, prepare, run_sweep, sweep_status
 from sweeps.spec import parse_sweep
 from sweeps.tracking import TrialLogger, child_runs, client, use_tracking_uri
 
+pytestmark = pytest.mark.slow  # real Ray, MLflow servers, subprocess sweeps
+
 ROOT = Path(__file__).resolve().parents[1]
 BASE = {
     "model": {"name": "small_cnn"},

@@ -16,6 +16,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from sweeps.tracking import TrialLogger, client, dataset_record, experiment_id, parent_run, use_tracking_uri
 
+pytestmark = pytest.mark.slow  # real Ray / MLflow servers / subprocess sweeps
+
 
 def _tiny_onnx(path: Path) -> Path:
     """N×3×4×4 images → N×2 logits (flatten and a matrix product)."""
