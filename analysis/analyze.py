@@ -5,6 +5,11 @@ rank), ``pareto.csv`` (the front, full config), ``configs/<trial>.yaml`` (what
 ``prunevision train`` needs to reproduce a front point), the plots, ``report.md`` and one
 self-contained ``report.html``; then logs them to the sweep's MLflow parent run.
 
+With ``int8`` (``--int8``), each front trial also gets an INT8 variant (:func:`analysis.int8.int8_front`):
+``pareto.csv`` holds one row per trial and precision (``precision`` fp32 or int8; the INT8 models
+in ``int8/``), ``front_with_int8`` marks what is on the front once INT8 variants may join it, and
+the report has a section and ``int8_front.png`` showing where quantization moves each trial.
+
 Fronts and the choice use the validation accuracy (``val_accuracy``) where the trials report it;
 the test accuracy (``accuracy``) is shown next to it as the reported figure, never chosen on.
 Sweeps from before the validation split are analysed on ``accuracy``.
@@ -60,7 +65,9 @@ def rank_trials(df: pd.DataFrame, objectives: Mapping[str, str]) -> pd.DataFrame
 def analyze(sweep_dir: str | Path, out: str | Path | None = None, *, source: str = "ray", select: str = "knee",
             bounds: Mapping[str, tuple[str, float]] | None = None, remeasure_latency: bool = True,
             target: str = "onnxruntime-cpu", batch: int = 1, threads: int = 1, runs: int = 50,
-            log_to_mlflow: bool = True, log: Callable[[str], None] | None = print) -> dict[str, Any]:
+            log_to_mlflow: bool = True, int8: Mapping[str, Any] | None = None,
+            log: Callable[[str], None] | None = print) -> dict[str, Any]:
+    """``int8``: add INT8 variants of the front (calibration_size, max_drop, method)."""
     sweep_dir = Path(sweep_dir).resolve()
     state = read_state(sweep_dir)
     sweep_objectives: dict[str, str] = dict(state["run"]["objectives"])  # what the search optimised
@@ -121,9 +128,16 @@ def analyze(sweep_dir: str | Path, out: str | Path | None = None, *, source: str
             shutil.copyfile(src, cfg_dir / f"{r['trial_id']}.yaml")
             tid = str(r["trial_id"])
             reproduce[tid] = f"prunevision train {cfg_dir / (tid + '.yaml')} --out runs/{tid}"
-    front_csv = front.assign(reproduce=front["trial_id"].map(reproduce))
+    front_csv = front.assign(reproduce=front["trial_id"].map(reproduce), precision="fp32")
+    int8_rows, int8_info = pd.DataFrame(), None
+    if int8 is not None:
+        from analysis.int8 import int8_front
+
+        int8_rows, int8_info = int8_front(front, objectives, out / "int8", batch=batch, threads=threads, runs=runs,
+                                          log=log, **int8)
+        front_csv = _with_int8(front_csv, int8_rows, int8_info)
     # the accuracy chosen on, then the test accuracy (the reported figure), first
-    lead = [c for c in SUMMARY_COLS if c in front_csv.columns]
+    lead = [c for c in SUMMARY_COLS[:3] + ["precision"] + SUMMARY_COLS[3:] if c in front_csv.columns]
     front_csv = front_csv[lead + [c for c in front_csv.columns if c not in lead]]
     front_csv.to_csv(out / "pareto.csv", index=False)
 
@@ -139,6 +153,10 @@ def analyze(sweep_dir: str | Path, out: str | Path | None = None, *, source: str
         "per_class": plots.per_class_accuracy(chosen_metrics, out / "chosen_per_class_accuracy.png"),
         "leaderboard": plots.leaderboard(df, objectives, out / "leaderboard.png"),
     }
+    if int8_info is not None:
+        from analysis.int8 import int8_plot
+
+        files["int8_front"] = int8_plot(int8_rows, acc_col, out / "int8_front.png", int8_info["front_with_int8"])
     for name in DIAGNOSTICS:  # the chosen trial's own diagnostics, when it wrote them
         files[name] = plots.copy_trial_image(chosen.get("output_dir"), f"{name}.png", out / f"chosen_{name}.png")
     imp_note = ""
@@ -160,8 +178,10 @@ def analyze(sweep_dir: str | Path, out: str | Path | None = None, *, source: str
                    **{k: plain(chosen.get(k)) for k in SUMMARY_COLS[1:]}},
         "files": {k: str(v) for k, v in files.items() if v},
     }
+    if int8_info is not None:
+        summary["int8"] = int8_info
     md, page = _write_report(out, state, df, front, chosen, chosen_metrics, summary, files, reproduce, imp_note,
-                             hv_hist)
+                             hv_hist, int8_rows)
     summary["files"].update({"report_md": str(md), "report_html": str(page), "pareto_csv": str(out / "pareto.csv"),
                              "trials_csv": str(out / "trials.csv")})
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
@@ -171,13 +191,31 @@ def analyze(sweep_dir: str | Path, out: str | Path | None = None, *, source: str
     return summary
 
 
+def _with_int8(front_csv: pd.DataFrame, int8_rows: pd.DataFrame, info: dict[str, Any]) -> pd.DataFrame:
+    """The fp32 front rows with their ONNX file's size and place on the front with INT8, then the INT8 rows."""
+    from prunevision.quantize import file_sizes
+
+    fp32 = front_csv.copy()
+    sizes = [file_sizes(Path(d) / "model.onnx") if isinstance(d, str) and (Path(d) / "model.onnx").is_file()
+             else {"bytes": None, "gzip_bytes": None} for d in fp32.get("output_dir", pd.Series([None] * len(fp32)))]
+    fp32["onnx_bytes"] = [s["bytes"] for s in sizes]
+    fp32["onnx_gzip_bytes"] = [s["gzip_bytes"] for s in sizes]
+    on = info.get("front_with_int8") or {}
+    fp32["front_with_int8"] = [on.get(f"{t}/fp32") for t in fp32["trial_id"]]
+    fp32["int8_error"] = [info["failed"].get(str(t)) for t in fp32["trial_id"]]
+    if int8_rows.empty:
+        return fp32
+    return pd.concat([fp32, int8_rows.assign(reproduce=fp32.set_index("trial_id")["reproduce"]
+                                             .reindex(int8_rows["trial_id"]).to_numpy())], ignore_index=True)
+
+
 def _counts_text(counts: Mapping[str, int]) -> str:
     return ", ".join(f"{v} {k}" for k, v in counts.items())
 
 
 def _write_report(out: Path, state: dict, df: pd.DataFrame, front: pd.DataFrame, chosen: pd.Series,
                   chosen_metrics: dict, summary: dict, files: dict, reproduce: dict, imp_note: str,
-                  hv_hist: pd.Series) -> tuple[Path, Path]:
+                  hv_hist: pd.Series, int8_rows: pd.DataFrame) -> tuple[Path, Path]:
     run, settings = state["run"], state["settings"]
     objectives = summary["objectives"]
     rep = Report(f"prunevision sweep report: {state['name']}", out)
@@ -185,8 +223,9 @@ def _write_report(out: Path, state: dict, df: pd.DataFrame, front: pd.DataFrame,
     excluded = {k: v for k, v in summary["trials"].items() if k != "complete"}
     rep.bullets([
         f"Sweep folder: {summary['sweep_dir']} (results read from {summary['source']})",
-        f"Search: Optuna {run['sampler']} sampler, seed {run['seed']}, {run['num_samples']} trials planned, "
-        f"{run['max_concurrent']} at a time" + (f", scheduler {run['scheduler']}" if run.get("scheduler") else ""),
+        f"Search: Optuna {run.get('sampler', '?')} sampler, seed {run.get('seed', '?')}, {run['num_samples']} "
+        f"trials planned, {run.get('max_concurrent', '?')} at a time"
+        + (f", scheduler {run['scheduler']}" if run.get("scheduler") else ""),
         "Objectives: " + ", ".join(f"{k} ({v})" for k, v in objectives.items())
         + (f" (the sweep searched on {', '.join(summary['sweep_objectives'])}; fronts use val_accuracy in place "
            "of the test accuracy)" if list(objectives) != list(summary["sweep_objectives"]) else ""),
@@ -211,7 +250,8 @@ def _write_report(out: Path, state: dict, df: pd.DataFrame, front: pd.DataFrame,
     sel = summary["chosen"]
     bounds = ", ".join(f"{k} {op} {v:g}" for k, (op, v) in sel["bounds"].items()) or "no bounds"
     rep.para(f"Trial {chosen['trial_id']}, selected by '{sel['select']}' ({bounds}). Ship it with: "
-             f"prunevision export {summary['sweep_dir']} --select {sel['select']} --out model.onnx")
+             f"prunevision export {summary['sweep_dir']} --select {sel['select']} --out model.onnx "
+             "(add --int8 for a verified INT8 model beside it)")
     cm = chosen_metrics
     rows = [
         {"what": "top-1 accuracy (test, reported)", "dense": chosen.get("accuracy_dense"),
@@ -259,6 +299,9 @@ def _write_report(out: Path, state: dict, df: pd.DataFrame, front: pd.DataFrame,
     rep.image(files.get("leaderboard"), "Pruning methods compared: best accuracy, and the best speed-up and "
                                         "sparsity within 2 points of it")
 
+    if "int8" in summary:
+        _int8_section(rep, front, int8_rows, summary, files)
+
     rep.heading("All trials")
     others = df[df["status"] != "complete"]
     cols = ["trial_id", "status", "rank"] + [c for c in ("val_accuracy", "accuracy", "param_sparsity", "latency_ms",
@@ -268,6 +311,51 @@ def _write_report(out: Path, state: dict, df: pd.DataFrame, front: pd.DataFrame,
         rep.para(f"{len(others)} trial(s) are not complete (stopped early by the scheduler, errored or still "
                  "running) and are kept out of every front.", note=True)
     return rep.write()
+
+
+def _int8_section(rep: Report, front: pd.DataFrame, int8_rows: pd.DataFrame, summary: dict, files: dict) -> None:
+    info = summary["int8"]
+    split = "validation" if summary["selection_accuracy"] == "val_accuracy" else "test"
+    rep.heading("The front in INT8")
+    rep.para(f"Each front trial's model.onnx statically quantized with ONNX Runtime (QDQ, per-channel INT8 weights, "
+             f"uint8 activations, {info['calibration_method']} calibration on {info['calibration_size']} training "
+             "images, a seeded sample), then verified: top-1 accuracy of the fp32 and INT8 files under ONNX Runtime "
+             "on the trial's validation and test images, top-1 agreement, file size, and latency measured in one "
+             f"run next to the fp32 model and its dense network ({info['latency']}). Variants losing more than "
+             f"{info['max_drop_points']:g} point(s) of {split} accuracy are marked; none is refused here (export "
+             "refuses).")
+    rows = []
+    for _, r in int8_rows.iterrows():
+        t = str(r["trial_id"])
+        f = front[front["trial_id"].astype(str) == t].iloc[0]
+        rows.append({"trial": t, "val32": _pct(r.get("val_accuracy_fp32_onnx")), "val8": _pct(r.get("val_accuracy")),
+                     "test32": _pct(r.get("accuracy_fp32_onnx")), "test8": _pct(r.get("accuracy")),
+                     "drop": f"{r['int8_drop_points']:+.2f}" + ("" if r["int8_within_limit"] else " (over)"),
+                     "agree": f"{100 * r['int8_agreement']:.2f} %",
+                     "size": f"{_mb(info['results'][t]['size']['fp32']['bytes'])} → {_mb(r['onnx_bytes'])}",
+                     "gzip": f"{_mb(info['results'][t]['size']['fp32']['gzip_bytes'])} → {_mb(r['onnx_gzip_bytes'])}",
+                     "lat32": f"{r['latency_ms_fp32_same_run']:.3f}", "lat8": f"{r['latency_ms']:.3f} "
+                     f"[{r['latency_ms_p10']:.3f}–{r['latency_ms_p90']:.3f}]",
+                     "speedup": f"{r['int8_speedup_vs_fp32']:.2f}×",
+                     "front": ("fp32 " if info["front_with_int8"].get(f"{t}/fp32") else "")
+                     + ("INT8" if r.get("front_with_int8") else ""), "sparsity": _pct(f.get("param_sparsity"))})
+    cols = ["trial", "sparsity", "val32", "val8", "test32", "test8", "drop", "agree", "size", "gzip", "lat32", "lat8",
+            "speedup", "front"]
+    rep.table(rows, cols, ["trial", "params removed", "val fp32", "val INT8", "test fp32", "test INT8",
+                           "drop (points)", "top-1 agreement", "ONNX MB fp32 → INT8", "gzip MB", "fp32 ms",
+                           "INT8 ms [p10–p90]", "INT8 speed-up", "on the front with INT8"])
+    for t, e in info["failed"].items():
+        rep.para(f"Trial {t}: no INT8 variant: {e}", note=True)
+    rep.para("Accuracies here are ONNX Runtime's on the exported files (they match the trials' PyTorch figures to "
+             "the export tolerance). 'On the front with INT8': not dominated by any fp32 or INT8 variant of the front "
+             "on the sweep's objectives, with this run's latencies. pareto.csv holds the INT8 rows (precision int8).",
+             note=True)
+    rep.image(files.get("int8_front"), "Accuracy against latency of each front trial in fp32 (circle) and INT8 "
+                                       "(triangle), measured in the same run")
+
+
+def _mb(v: Any) -> str:
+    return f"{v / 1e6:.2f}" if _ok(v) else "–"
 
 
 def _header(col: str) -> str:

@@ -28,7 +28,7 @@ class RemeasureError(RuntimeError):
     pass
 
 
-def _image_size(out: Path) -> int:
+def trial_image_size(out: Path) -> int:
     m = json.loads((out / "metrics.json").read_text())
     size = (m.get("input") or {}).get("size") or (m.get("dataset") or {}).get("image_size")
     if not size:
@@ -77,7 +77,7 @@ def remeasure(df: pd.DataFrame, objectives: Mapping[str, str], *, target: str = 
         groups.setdefault(key, []).append(idx)
     for key, rows in groups.items():
         dense_dir = Path(dense_of[key])
-        size = _image_size(dense_dir)
+        size = trial_image_size(dense_dir)
         if log:
             log(f"re-measuring {len(rows)} candidate(s) and their dense network on {target}, batch {batch}, "
                 f"{threads} thread(s), {runs} runs each")

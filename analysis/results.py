@@ -225,6 +225,8 @@ def load_mlflow(tracking_uri: str, *, parent_run_id: str | None = None, experime
         token = page.token
         if not token:
             break
+    # `prunevision export` logs its export-<trial> runs under the parent too: they are not trials
+    runs = [r for r in runs if "prunevision.source_trial" not in r.data.tags]
     if config_keys is None:
         seen: dict[str, set] = {}
         for r in runs:

@@ -4,11 +4,15 @@ Loads the chosen trial's pruned checkpoint (retraining the trial from its config
 sweep did not keep it, and saying so), exports ONNX, verifies it against PyTorch with ONNX
 Runtime, writes a model card next to it (``model.json``) and registers the ONNX model in the
 MLflow model registry with the alias ``champion``.
+
+With ``int8``, a statically quantized INT8 model (``model.int8.onnx``) is made and verified
+(:mod:`analysis.int8`) before anything is registered; it is registered as its own model,
+``<name>-int8``, logged in the same export run, with the alias ``champion`` too. A refused or
+failed INT8 model stops the export before registration: the fp32 file and its card stay.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 import tempfile
@@ -22,16 +26,10 @@ import pandas as pd
 from analysis.choose import accuracy_column, choose, selection_objectives
 from analysis.report import config_of
 from analysis.results import SweepDataError, load_sweep, read_state
+from prunevision.quantize import sha256_of
 
 CHAMPION = "champion"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+INT8_SUFFIX = "-int8"  # the INT8 model's registered name: <name>-int8
 
 
 def _retrain(row: pd.Series, work: Path, log: Callable[[str], None] | None) -> Path:
@@ -75,12 +73,20 @@ def _check_images(meta: dict, output_dir: Path | None, n: int = 16):
         return None
 
 
+def card_path_for(out: Path) -> Path:
+    """``model.onnx`` → ``model.json``; ``other.onnx`` → ``other.json``."""
+    return out.with_name("model.json") if out.stem == "model" else out.with_name(out.stem + ".json")
+
+
 def export_chosen(sweep_dir: str | Path, out: str | Path, *, select: str = "knee",
                   bounds: Mapping[str, tuple[str, float]] | None = None, exporter: str = "dynamo",
                   register: bool = True, registered_model: str | None = None,
+                  int8: Mapping[str, Any] | None = None,
                   log: Callable[[str], None] | None = print) -> dict[str, Any]:
+    """``int8``: make and verify an INT8 model too (the keyword arguments of
+    :func:`analysis.int8.ship_int8`: calibration_size, max_drop, force, method, data_root)."""
     from prunevision.checkpoint import load_pruned, read_pruned
-    from prunevision.export import TOLERANCE, export_onnx
+    from prunevision.export import export_onnx
 
     sweep_dir = Path(sweep_dir).resolve()
     state = read_state(sweep_dir)
@@ -112,15 +118,13 @@ def export_chosen(sweep_dir: str | Path, out: str | Path, *, select: str = "knee
         metrics = json.loads((ckpt.parent / "metrics.json").read_text()) if (ckpt.parent / "metrics.json").is_file() \
             else {}
         config_yaml = (ckpt.parent / "config.yaml").read_text() if (ckpt.parent / "config.yaml").is_file() else None
-    import onnxruntime
-    import torch
-
+        cfg = _config(ckpt.parent / "config.yaml") if int8 is not None else None
     keep = ("val_accuracy", "val_accuracy_dense", "accuracy", "accuracy_dense", "accuracy_before_finetune",
             "param_sparsity", "params", "params_dense", "macs", "macs_dense", "macs_reduction", "size_bytes",
             "size_bytes_dense", "latency_ms", "latency_ms_dense", "latency_speedup", "per_class_accuracy")
     card: dict[str, Any] = {
         "name": registered_model or f"prunevision-{state['name']}",
-        "file": str(out.resolve()), "sha256": _sha256(out), "size_bytes": out.stat().st_size,
+        "file": str(out.resolve()), "sha256": sha256_of(out), "size_bytes": out.stat().st_size,
         "input": metrics.get("input") or {"size": size, "mean": meta["extra"].get("mean"),
                                           "std": meta["extra"].get("std"), "layout": "NCHW float32"},
         "output": {"name": "logits", "classes": meta["extra"].get("classes")},
@@ -133,20 +137,73 @@ def export_chosen(sweep_dir: str | Path, out: str | Path, *, select: str = "knee
                    "retrained": retrained, "mlflow_run_id": None, "tracking_uri": settings["tracking_uri"]},
         "config": config_of(row),
         "full_config": _yaml(config_yaml),
-        "verification": {"engine": f"onnxruntime {onnxruntime.__version__} CPUExecutionProvider",
-                         "reference": f"PyTorch {torch.__version__} eager, CPU fp32",
-                         "max_abs_diff": check["max_abs_diff"], "tolerance": TOLERANCE,
-                         "batches": check["checked_batches"], "real_images": real is not None,
-                         "exporter": check["exporter"], "passed": True},
+        "verification": _verification(check, real is not None),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "host": platform.node(),
     }
+    card_path = card_path_for(out)
+    if int8 is not None:  # before anything is registered: a refused INT8 model registers nothing
+        from analysis.int8 import export_int8
+
+        export_int8(out, card, card_path, cfg, size, registered=register, log=log, **int8)
     if register:
         card["source"]["mlflow_run_id"] = _trial_run_id(settings, tid)
         card["registry"] = _register(out, card, settings, size)
-    card_path = out.with_name(out.stem + ".json") if out.stem != "model" else out.with_name("model.json")
     card_path.write_text(json.dumps(card, indent=2, default=str))
     card["card"] = str(card_path)
     return card
+
+
+def _verification(check: dict[str, Any], real_images: bool) -> dict[str, Any]:
+    """The fp32 export's check against PyTorch, as the model card records it."""
+    import onnxruntime
+    import torch
+
+    from prunevision.export import TOLERANCE
+
+    return {"engine": f"onnxruntime {onnxruntime.__version__} CPUExecutionProvider",
+            "reference": f"PyTorch {torch.__version__} eager, CPU fp32", "max_abs_diff": check["max_abs_diff"],
+            "tolerance": TOLERANCE, "batches": check["checked_batches"], "real_images": real_images,
+            "exporter": check["exporter"], "passed": True}
+
+
+def export_checkpoint_int8(checkpoint: str | Path, out: str | Path, check: dict[str, Any], size: int, *,
+                           int8: Mapping[str, Any], log: Callable[[str], None] | None = print) -> dict[str, Any]:
+    """The INT8 model of a checkpoint just exported to ``out`` (``prunevision export CHECKPOINT --int8``),
+    calibrated and verified on the images its config names, and a model card (``model.json``)
+    holding the fp32 export's check and the ``int8`` section. Nothing is registered (no sweep)."""
+    from analysis.int8 import export_int8, model_config
+
+    checkpoint, out = Path(checkpoint), Path(out)
+    mean = std = classes = None
+    if checkpoint.suffix == ".safetensors":
+        from prunevision.checkpoint import read_pruned
+
+        extra = read_pruned(checkpoint)[0].get("extra") or {}
+        mean, std, classes = extra.get("mean"), extra.get("std"), extra.get("classes")
+    cfg = model_config(checkpoint)
+    card: dict[str, Any] = {
+        "file": str(out.resolve()), "sha256": sha256_of(out), "size_bytes": out.stat().st_size,
+        "input": {"size": size, "mean": mean, "std": std, "layout": "NCHW float32"},
+        "output": {"name": "logits", "classes": classes},
+        "source": {"checkpoint": str(checkpoint.resolve())},
+        "full_config": cfg.to_dict() if cfg is not None else None,
+        "verification": _verification(check, False),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "host": platform.node(),
+    }
+    card_path = card_path_for(out)
+    report = export_int8(out, card, card_path, cfg, size, registered=False, log=log, **int8)
+    for k in ("mean", "std"):  # a training checkpoint: normalised as its dataset is
+        card["input"][k] = card["input"][k] or report["calibration"]["normalisation"][k]
+    card_path.write_text(json.dumps(card, indent=2, default=str))
+    card["card"] = str(card_path)
+    return card
+
+
+def _config(path: Path):
+    """The trial's experiment config (what INT8 calibrates and verifies on), None if it is gone."""
+    from prunevision.config import load_config
+
+    return load_config(path) if path.is_file() else None
 
 
 def _yaml(text: str | None) -> Any:
@@ -159,7 +216,9 @@ def _yaml(text: str | None) -> Any:
 
 def _register(onnx_path: Path, card: dict, settings: dict, size: int) -> dict[str, Any]:
     """Log the ONNX model in an export run under the sweep's parent run, register it and point the
-    ``champion`` alias at the new version."""
+    ``champion`` alias at the new version. With an INT8 model in the card, log it in the same run
+    and register it as its own model, ``<name>-int8``, with its own ``champion`` alias. Versions
+    made before a failure are deleted again: a failed registration leaves nothing registered."""
     import mlflow
     import numpy as np
     import onnx
@@ -167,6 +226,7 @@ def _register(onnx_path: Path, card: dict, settings: dict, size: int) -> dict[st
     from mlflow.tracking import MlflowClient
 
     name = card["name"]
+    q = card.get("int8") if (card.get("int8") or {}).get("shipped") else None
     c = MlflowClient(settings["tracking_uri"])
     mlflow.set_tracking_uri(settings["tracking_uri"])
     x = np.zeros((1, 3, size, size), dtype=np.float32)
@@ -174,20 +234,49 @@ def _register(onnx_path: Path, card: dict, settings: dict, size: int) -> dict[st
     sig = infer_signature(x, np.zeros((1, n_classes), dtype=np.float32))
     run = c.create_run(settings["experiment_id"], run_name=f"export-{card['source']['trial_id']}", tags={
         "mlflow.parentRunId": settings["parent_run_id"], "prunevision.source_trial": card["source"]["trial_id"],
-        "prunevision.source_run_id": card["source"]["mlflow_run_id"] or ""})
+        "prunevision.source_run_id": card["source"]["mlflow_run_id"] or "",
+        **({"prunevision.int8": "forced" if q["forced"] else "verified"} if q else {})})
+    made: list[tuple[str, str]] = []
     try:
         with mlflow.start_run(run_id=run.info.run_id):
             info = mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="model", registered_model_name=name,
                                          signature=sig)
+            made.append((name, str(info.registered_model_version)))
+            if q:
+                info8 = mlflow.onnx.log_model(onnx.load(q["file"]), name="model_int8",
+                                              registered_model_name=name + INT8_SUFFIX, signature=sig)
+                made.append((name + INT8_SUFFIX, str(info8.registered_model_version)))
             mlflow.log_dict({k: v for k, v in card.items() if k != "full_config"}, "model_card.json")
             mlflow.log_metrics({f"model.{k}": float(v) for k, v in card["metrics"].items()
                                 if isinstance(v, (int, float))})
-        version = str(info.registered_model_version)
+            if q:
+                from analysis.int8 import int8_metrics
+
+                mlflow.log_metrics(int8_metrics(q))
+        version = made[0][1]
         c.set_registered_model_alias(name, CHAMPION, version)
         c.set_model_version_tag(name, version, "prunevision.source_trial", card["source"]["trial_id"])
         c.set_model_version_tag(name, version, "prunevision.sha256", card["sha256"])
+        c.set_model_version_tag(name, version, "precision", "fp32")
+        reg: dict[str, Any] = {"name": name, "version": version, "alias": CHAMPION, "run_id": run.info.run_id,
+                               "uri": f"models:/{name}@{CHAMPION}", "model_uri": info.model_uri}
+        if q:
+            name8, v8 = made[1]
+            c.set_registered_model_alias(name8, CHAMPION, v8)
+            for k, v in {"precision": "int8", "prunevision.source_trial": card["source"]["trial_id"],
+                         "prunevision.sha256": q["sha256"], "prunevision.fp32_model": f"{name}/{version}",
+                         "prunevision.int8_drop_points": f"{q['drop_points']:.4f}",
+                         "prunevision.int8_forced": str(q["forced"]).lower()}.items():
+                c.set_model_version_tag(name8, v8, k, v)
+            c.set_model_version_tag(name, version, "prunevision.int8_model", f"{name8}/{v8}")
+            reg["int8"] = {"name": name8, "version": v8, "alias": CHAMPION, "uri": f"models:/{name8}@{CHAMPION}",
+                           "model_uri": info8.model_uri}
     except Exception:
+        for n, v in made:
+            try:
+                c.delete_model_version(n, v)
+            except Exception:  # the original error is the one to report
+                pass
         c.set_terminated(run.info.run_id, status="FAILED")
         raise
-    return {"name": name, "version": version, "alias": CHAMPION, "run_id": run.info.run_id,
-            "uri": f"models:/{name}@{CHAMPION}", "model_uri": info.model_uri}
+    return reg

@@ -3,7 +3,7 @@ and latency of dense and pruned networks measured in the same run.
 
 Latency: ONNX Runtime on CPU (the default deployment target) and PyTorch eager on the
 training device; warm-up runs, then ``runs`` timed runs per model, interleaved in rounds so that
-a noisy neighbour slows both models alike; median and 90th percentile reported, thread count
+a noisy neighbour slows both models alike; median, 10th/25th/75th/90th percentiles reported, thread count
 fixed and recorded. The speed-up is the ratio of the two medians.
 """
 
@@ -44,7 +44,9 @@ def size_on_disk(model: nn.Module) -> tuple[int, int]:
 
 def _summary(times_s: list[float]) -> dict[str, float]:
     a = np.asarray(times_s) * 1000.0
-    return {"median_ms": float(np.median(a)), "p90_ms": float(np.percentile(a, 90)), "runs": int(len(a))}
+    p10, p25, p75, p90 = (float(v) for v in np.percentile(a, [10, 25, 75, 90]))
+    return {"median_ms": float(np.median(a)), "p10_ms": p10, "p25_ms": p25, "p75_ms": p75, "p90_ms": p90,
+            "runs": int(len(a))}
 
 
 def _interleaved(fns: dict[str, Callable[[], None]], runs: int, warmup: int, rounds: int = 5) -> dict[str, dict]:

@@ -10,6 +10,31 @@ import torch
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def sweep_env(tmp: Path) -> dict:
+    """The environment of a sweep subprocess: an sqlite MLflow store in ``tmp``."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp / 'mlflow.db'}"
+    return env
+
+
+@pytest.fixture(scope="session")
+def smoke_sweep(tmp_path_factory):
+    """The shipped smoke sweep, run once per session through the CLI (real Ray, Optuna and an sqlite
+    MLflow store); shared by the analysis and INT8 tests, which copy it before changing anything."""
+    import subprocess
+    import sys
+
+    tmp = tmp_path_factory.mktemp("sweep")
+    cmd = [sys.executable, "-m", "prunevision", "sweep", "run", str(ROOT / "sweeps" / "configs" / "smoke.yaml"),
+           "--smoke-test", "--storage", str(tmp / "runs"), "--num-cpus", "2", "--set", "name=an"]
+    r = subprocess.run(cmd, cwd=tmp, env=sweep_env(tmp), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return tmp / "runs" / "an"
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Every test decodes into its own cache folder, never the user's."""
@@ -49,3 +74,11 @@ def write_cifar_batches(root: Path, n_per_batch=20, n_test=30) -> Path:
     with open(d / "test_batch", "wb") as f:
         pickle.dump(batch(n_test), f)
     return d
+
+
+def pytest_collection_modifyitems(items):
+    """Tests on the shared smoke sweep (a real Ray sweep in a subprocess) are slow: make test-fast
+    leaves them out, make test runs them."""
+    for item in items:
+        if "smoke_sweep" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)

@@ -2,7 +2,6 @@
 through the CLI (real Ray, Optuna and an sqlite MLflow store)."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -22,20 +21,9 @@ OBJ = {"val_accuracy": "max", "param_sparsity": "max", "latency_ms": "min"}  # w
 TEST_OBJ = {"accuracy": "max", "param_sparsity": "max", "latency_ms": "min"}  # sweeps from before val_split
 
 
-def _env(tmp: Path) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp / 'mlflow.db'}"
-    return env
-
-
-@pytest.fixture(scope="module")
-def sweep(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("sweep")
-    cmd = [sys.executable, "-m", "prunevision", "sweep", "run", str(ROOT / "sweeps" / "configs" / "smoke.yaml"),
-           "--smoke-test", "--storage", str(tmp / "runs"), "--num-cpus", "2", "--set", "name=an"]
-    r = subprocess.run(cmd, cwd=tmp, env=_env(tmp), capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return tmp / "runs" / "an"
+@pytest.fixture
+def sweep(smoke_sweep):  # conftest: run once per session, shared with tests/test_int8.py
+    return smoke_sweep
 
 
 @pytest.fixture

@@ -62,3 +62,53 @@ def test_budget_control_benchmark_smoke(tmp_path):
     assert run["budget"] == 0.5 and 0 < run["achieved"] <= 1
     assert abs(run["pruned"] - run["gated"]) < 1e-9  # hard gates: the gated network is the pruned one
     assert not md.exists()
+
+
+def test_int8_benchmark_smoke(tmp_path):
+    out = tmp_path / "int8.json"
+    md = tmp_path / "RESULTS.md"
+    printed = _run([str(ROOT / "benchmarks" / "int8.py"), "--smoke-test", "--out", str(out), "--results-md",
+                    str(md)], tmp_path)
+    res = json.loads(out.read_text())
+    assert [r["model"] for r in res["runs"]] == ["knee", "resnet18"]
+    for r in res["runs"]:
+        q = r["int8"]
+        assert q["shipped"] and q["structure"]["quantized_weight_layers"] == q["structure"]["weight_layers"] > 0
+        assert q["size"]["ratio"] > 3 and set(q["latency"]) == {"batch_1", "batch_8"}
+        assert {"val", "test"} <= set(q["accuracy"]) and 0 <= q["accuracy"]["test"]["int8"] <= 1
+        assert q["latency"]["batch_1"]["int8"]["p10_ms"] <= q["latency"]["batch_1"]["int8"]["p90_ms"]
+    assert "b1 speed-up" in printed and not md.exists()  # smoke runs append nothing
+
+
+# Runs a script with Ray, MLflow and pandas unimportable, as on a machine without them (None in
+# sys.modules: `import` raises ModuleNotFoundError and importlib.util.find_spec answers None).
+WITHOUT_RAY = """
+import runpy, sys
+
+for name in ('ray', 'mlflow', 'pandas'):
+    sys.modules[name] = None
+try:
+    import ray  # noqa: F401
+    sys.exit('the import blocker does not work')
+except ImportError:
+    pass
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name='__main__')
+"""
+
+
+def test_gpu_trial_benchmark_smoke_runs_without_ray_or_mlflow(tmp_path):
+    out = tmp_path / "g.json"
+    md = tmp_path / "RESULTS.md"
+    printed = _run(["-c", WITHOUT_RAY, str(ROOT / "benchmarks" / "gpu_trial.py"), "--smoke-test", "--out", str(out),
+                    "--results-md", str(md)], tmp_path)
+    (res,) = json.loads(out.read_text())["runs"]
+    assert res["device"] == "cpu" and res["epochs"] == 1 and res["train_s"] > 0 and res["images_per_s"] > 0
+    assert 0 <= res["accuracy_dense"] <= 1 and 0 <= res["accuracy_pruned"] <= 1 and res["macs_share"] < 1
+    assert set(res["latency"]) == {"fp32_b1", "fp32_b8"}  # no bf16 rows without a GPU
+    for k, v in res["latency"].items():
+        assert v["dense"]["timer"] == "perf_counter" and v["dense"]["runs"] >= 10
+        assert 0 < v["pruned"]["p10_ms"] <= v["pruned"]["median_ms"] <= v["pruned"]["p90_ms"]
+        assert res["speedup"][k] == v["dense"]["median_ms"] / v["pruned"]["median_ms"]
+    assert res["gpu_utilisation_training"]["samples"] == 0  # nothing to sample on a CPU
+    assert "training throughput" in printed and not md.exists()  # smoke runs append nothing
