@@ -463,13 +463,16 @@ def _asked(storage, study_name: str) -> int:
 
 
 def _requeued(trials: list) -> set[int]:
-    """Trials a resume queued again: a later trial of the study has their parameters."""
+    """Trials a resume queued again: cut off or failed, and a later trial of the study has their
+    parameters (finished trials never count here: a sweep may evaluate one point twice)."""
+    from optuna.trial import TrialState
+
     later: set[str] = set()
     out = set()
     for t in reversed(trials):
         params = t.params or t.system_attrs.get("fixed_params") or {}  # WAITING: queued, not yet asked
         key = json.dumps(params, sort_keys=True, default=str)
-        if key in later:
+        if key in later and t.state in (TrialState.FAIL, TrialState.RUNNING):
             out.add(t.number)
         later.add(key)
     return out
