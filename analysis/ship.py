@@ -102,6 +102,13 @@ def export_chosen(sweep_dir: str | Path, out: str | Path, *, select: str = "knee
     # val_accuracy in place of a test-accuracy objective where the trials report it (as choose does)
     objectives = selection_objectives(state["run"]["objectives"], df)
     row = choose(df, objectives, select, bounds)
+    analysed = analysis_choice(sweep_dir, df, select, bounds)
+    chosen_by = "trial latencies"
+    if analysed is not None:  # the report re-measured latency: ship the trial it chose
+        if str(analysed["trial_id"]) != str(row["trial_id"]) and log:
+            log(f"the analysis ({ANALYSIS_SUMMARY.as_posix()}, re-measured latency) chose trial "
+                f"{analysed['trial_id']}; the trials' own latencies would have chosen {row['trial_id']}")
+        row, chosen_by = analysed, f"analysis ({ANALYSIS_SUMMARY.as_posix()}, re-measured latency)"
     tid = str(row["trial_id"])
     output_dir = Path(row["output_dir"]) if isinstance(row.get("output_dir"), str) else None
     ckpt = output_dir / "pruned.safetensors" if output_dir else None
@@ -131,7 +138,7 @@ def export_chosen(sweep_dir: str | Path, out: str | Path, *, select: str = "knee
         "metrics": {k: metrics.get(k, row.get(k)) for k in keep if metrics.get(k, row.get(k)) is not None},
         "sweep_metrics": {k: (None if pd.isna(row.get(k)) else float(row[k])) for k in objectives if k in row},
         "selection": {"strategy": select, "bounds": {k: list(v) for k, v in (bounds or {}).items()},
-                      "objectives": objectives, "accuracy": accuracy_column(df)},
+                      "objectives": objectives, "accuracy": accuracy_column(df), "chosen_by": chosen_by},
         "source": {"sweep": state["name"], "sweep_dir": str(sweep_dir), "trial_id": tid,
                    "trial_dir": row.get("trial_dir"), "checkpoint": None if retrained else str(ckpt),
                    "retrained": retrained, "mlflow_run_id": None, "tracking_uri": settings["tracking_uri"]},
@@ -151,6 +158,30 @@ def export_chosen(sweep_dir: str | Path, out: str | Path, *, select: str = "knee
     card_path.write_text(json.dumps(card, indent=2, default=str))
     card["card"] = str(card_path)
     return card
+
+
+ANALYSIS_SUMMARY = Path("analysis") / "summary.json"  # what `prunevision analyze SWEEP_DIR` writes
+
+
+def analysis_choice(sweep_dir: Path, df: pd.DataFrame, select: str,
+                    bounds: Mapping[str, tuple[str, float]] | None) -> pd.Series | None:
+    """The trial the sweep's analysis chose (on re-measured latency), when it made the same
+    selection (strategy and bounds) over the same complete trials; else None. The summary is read
+    as untrusted JSON: anything off and the export chooses by itself."""
+    p = sweep_dir / ANALYSIS_SUMMARY
+    try:
+        summary = json.loads(p.read_text()) if p.is_file() else None
+    except (OSError, ValueError):
+        return None
+    if not isinstance(summary, dict) or not isinstance(summary.get("chosen"), dict):
+        return None
+    chosen = summary["chosen"]
+    same = (chosen.get("select") == select
+            and chosen.get("bounds") == {k: list(v) for k, v in (bounds or {}).items()}
+            and isinstance(summary.get("trials"), dict)
+            and summary["trials"].get("complete") == int((df["status"] == "complete").sum()))
+    rows = df[(df["trial_id"].astype(str) == str(chosen.get("trial_id"))) & (df["status"] == "complete")]
+    return rows.iloc[0] if same and len(rows) == 1 else None
 
 
 def _verification(check: dict[str, Any], real_images: bool) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis.choose import choose, make_bounds
+from analysis.choose import choose, make_bounds, selection_objectives
 from analysis.pareto import ConstraintError, nondominated_ranks
 from analysis.results import load_ray, load_sweep, read_state
 from prunevision.cli import main
@@ -123,6 +123,37 @@ def test_export_verifies_writes_a_card_and_registers_champion(sweep, tracking, t
     mv = MlflowClient(tracking["tracking_uri"]).get_model_version_by_alias("smoke-model", "champion")
     assert str(mv.version) == "2"
     assert json.loads((tmp_path / "m2.json").read_text())["registry"]["version"] == "2"
+
+
+def test_export_ships_the_trial_the_analysis_chose(sweep, tracking, tmp_path, capsys):
+    # the knee in the report, summary.json, model.json and the registered @champion are one trial,
+    # even where the re-measured latencies move the knee away from the trials' own figures
+    from mlflow.tracking import MlflowClient
+
+    copy = tmp_path / "an"
+    shutil.copytree(sweep, copy)
+    shutil.rmtree(copy / "analysis", ignore_errors=True)
+    assert main(["analyze", str(copy), "--runs", "5", "--no-mlflow"]) == 0
+    summary_path = copy / "analysis" / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    df = load_ray(copy)
+    complete = df[df["status"] == "complete"]
+    # make the analysis choose a trial the trials' latencies would not (as a re-measurement can)
+    own = choose(df, selection_objectives(summary["sweep_objectives"], df), "knee", {})["trial_id"]
+    other = next(t for t in complete["trial_id"] if t != own)
+    summary["chosen"]["trial_id"] = other
+    summary_path.write_text(json.dumps(summary))
+    out = tmp_path / "ship" / "model.onnx"
+    assert main(["export", str(copy), "--select", "knee", "--out", str(out), "--exporter", "torchscript",
+                 "--registered-model", "knee-model"]) == 0
+    card = json.loads((out.parent / "model.json").read_text())
+    assert card["source"]["trial_id"] == other and card["selection"]["chosen_by"].startswith("analysis")
+    mv = MlflowClient(tracking["tracking_uri"]).get_model_version_by_alias("knee-model", "champion")
+    assert mv.tags["prunevision.source_trial"] == other
+    # another selection than the analysis made: export chooses by itself
+    assert main(["export", str(copy), "--select", "max-sparsity", "--out", str(tmp_path / "m2.onnx"),
+                 "--exporter", "torchscript", "--no-register"]) == 0
+    assert json.loads((tmp_path / "m2.json").read_text())["selection"]["chosen_by"] == "trial latencies"
 
 
 def test_export_retrains_when_the_sweep_did_not_keep_the_model(sweep, tracking, tmp_path, capsys):
