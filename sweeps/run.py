@@ -157,13 +157,14 @@ def build_tuner(spec: SweepSpec, state: dict[str, Any], num_samples: int | None 
     storage = optuna.storages.RDBStorage(f"sqlite:///{sweep_dir / STUDY_FILE}")
     from sweeps.search import DefineByRun, FrontSafeOptunaSearch
 
+    # a resumed sweep's sampler must not draw the first run's random points again
+    study = _study(state) if num_samples is not None else None
+    asked = len(study.trials) if study is not None else 0
     searcher = FrontSafeOptunaSearch(
         space=DefineByRun(spec.space),
         metric=list(run["objectives"]), mode=list(run["objectives"].values()),
         points_to_evaluate=(spec.points_to_evaluate or None) if num_samples is None else None,
-        # a resumed sweep's sampler must not draw the first run's random points again
-        sampler=make_sampler(run["sampler"], run["seed"] + (0 if num_samples is None else _asked(storage, spec.name)),
-                             run["num_samples"], run.get("population_size")),
+        sampler=make_sampler(run["sampler"], run["seed"] + asked, run["num_samples"], run.get("population_size")),
         storage=storage, study_name=spec.name,
     )
     search = ConcurrencyLimiter(searcher, max_concurrent=run["max_concurrent"])
@@ -371,20 +372,29 @@ def _spec_from_state(state: dict[str, Any]) -> SweepSpec:
     return parse_sweep(raw)
 
 
+def _study(state: dict[str, Any]):
+    """The sweep's Optuna study (sqlite, no pickles), or None before Ray asked for a trial."""
+    import optuna
+
+    path = Path(state["sweep_dir"]) / STUDY_FILE
+    if not path.is_file():
+        return None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        return optuna.load_study(study_name=state["name"], storage=f"sqlite:///{path}")
+    except KeyError:
+        return None
+
+
 def _prepare_resume(state: dict[str, Any]) -> int | None:
     """Close the study's cut-off trials, queue their parameters again (linked to the old Ray
     trial and its newest checkpoint), move their folders aside, and return how many trials are
     left to run."""
-    import optuna
     from optuna.trial import TrialState
 
     d = Path(state["sweep_dir"])
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    if not (d / STUDY_FILE).is_file():
-        return None
-    try:
-        study = optuna.load_study(study_name=state["name"], storage=f"sqlite:///{d / STUDY_FILE}")
-    except KeyError:
+    study = _study(state)
+    if study is None:
         return None
     folders = [q.parent for q in d.glob("*/params.json")]  # Ray names them <trainable>_<trial id>_<n>_...
     trials = study.get_trials(deepcopy=False)
@@ -438,28 +448,19 @@ def interrupted_checkpoint(sweep_dir: str | Path, ray_trial_id: str) -> Path | N
 
 def _progress(state: dict[str, Any]) -> tuple[int, int]:
     """(trials ended, trials asked for) by the Optuna study."""
-    import optuna
     from optuna.trial import TrialState
 
     total = state["run"]["num_samples"]
     try:
-        study = optuna.load_study(study_name=state["name"],
-                                  storage=f"sqlite:///{Path(state['sweep_dir']) / STUDY_FILE}")
-    except Exception:
+        study = _study(state)
+    except Exception:  # on the way out of an interrupted run: never mask why it stopped
+        study = None
+    if study is None:
         return 0, total
     trials = study.get_trials(deepcopy=False)
     replaced = _requeued(trials)
     ended = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
     return sum(t.state in ended and t.number not in replaced for t in trials), total
-
-
-def _asked(storage, study_name: str) -> int:
-    import optuna
-
-    try:
-        return len(optuna.load_study(study_name=study_name, storage=storage).get_trials(deepcopy=False))
-    except KeyError:
-        return 0
 
 
 def _requeued(trials: list) -> set[int]:
@@ -503,15 +504,12 @@ def finish(state: dict[str, Any], results) -> dict[str, Any]:
 
 def sweep_status(sweep_dir: str | Path) -> dict[str, Any]:
     """Trial counts by Optuna state and the last result of every Ray trial (no pickles read)."""
-    import optuna
-
     state = load_state(sweep_dir)
     d = Path(state["sweep_dir"])
     counts: dict[str, int] = {}
     study_trials = 0
-    if (d / STUDY_FILE).exists():
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        study = optuna.load_study(study_name=state["name"], storage=f"sqlite:///{d / STUDY_FILE}")
+    study = _study(state)
+    if study is not None:
         for t in study.get_trials(deepcopy=False):
             counts[t.state.name] = counts.get(t.state.name, 0) + 1
         study_trials = len(study.trials)

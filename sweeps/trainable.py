@@ -56,19 +56,19 @@ def sweep_trial(config: dict[str, Any], *, base: dict[str, Any], settings: dict[
                          config.get(MLFLOW_TRIAL_KEY) or ctx.get_trial_id(), ctx.get_trial_name(), trial_dir)
     logger.start({**cfg.flat(), **placed})
 
+    def resume_from(checkpoint: Path) -> Path:  # a copy the trial may delete once it has finished
+        out.mkdir(parents=True, exist_ok=True)
+        return Path(shutil.copy(checkpoint, out / "resume.pt"))
+
     resume = None
     ckpt = tune.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            resume = out / "resume.pt"
-            out.mkdir(parents=True, exist_ok=True)
-            shutil.copy(Path(d) / "checkpoint.pt", resume)
+            resume = resume_from(Path(d) / "checkpoint.pt")
     elif config.get(RESUME_KEY) and settings.get("sweep_dir"):
         prior = interrupted_checkpoint(settings["sweep_dir"], config[RESUME_KEY])
         if prior is not None:
-            resume = out / "resume.pt"
-            out.mkdir(parents=True, exist_ok=True)
-            shutil.copy(prior, resume)
+            resume = resume_from(prior)
 
     weights = settings["score"]
     # test hook: fail every trial once, mid-run (markers in a folder every attempt can see)
