@@ -24,16 +24,16 @@ venv: $(STAMP)
 # frontier report and the chosen trial exported as verified ONNX and registered in MLflow.
 quickstart: $(STAMP)
 	@name=quickstart-$$(date +%Y%m%d-%H%M%S); set -e; \
-	$(PY) -m prunevision sweep run sweeps/configs/quickstart.yaml --storage $(RUNS) --set name=$$name $(if $(DATA),--set data.root=$(DATA)); \
-	$(PY) -m prunevision analyze $(RUNS)/$$name; \
-	$(PY) -m prunevision export $(RUNS)/$$name --select knee --out $(RUNS)/$$name/export/model.onnx --registered-model prunevision-quickstart; \
+	$(PY) -m prunevision_cli sweep run sweeps/configs/quickstart.yaml --storage $(RUNS) --set name=$$name $(if $(DATA),--set data.root=$(DATA)); \
+	$(PY) -m prunevision_cli analyze $(RUNS)/$$name; \
+	$(PY) -m prunevision_cli export $(RUNS)/$$name --select knee --out $(RUNS)/$$name/export/model.onnx --registered-model prunevision-quickstart; \
 	echo; echo "quickstart done:"; \
 	echo "  report:     $(RUNS)/$$name/analysis/report.html"; \
 	echo "  ONNX model: $(RUNS)/$$name/export/model.onnx (model card: $(RUNS)/$$name/export/model.json)"
 
 # One gated model, pruned, measured and exported (the quickstart before sweeps).
 train-one: $(STAMP)
-	$(PY) -m prunevision train configs/quickstart.yaml --out $(OUT) $(if $(DATA),--set data.root=$(DATA))
+	$(PY) -m prunevision_cli train configs/quickstart.yaml --out $(OUT) $(if $(DATA),--set data.root=$(DATA))
 
 test: $(STAMP)
 	$(PY) -m pytest -q
@@ -46,7 +46,7 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 
 smoke: $(STAMP)
-	$(PY) -m prunevision train --smoke-test --out runs/smoke --overwrite
+	$(PY) -m prunevision_cli train --smoke-test --out runs/smoke --overwrite
 
 clean:
 	rm -rf runs .pytest_cache

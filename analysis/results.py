@@ -26,7 +26,14 @@ from typing import Any
 
 import pandas as pd
 
-from sweeps.run import FINAL_KEY, STATE_FILE, STUDY_FILE, last_result  # the sweep folder's format
+from sweeps.folder import (  # noqa: F401  (the sweep folder's format; re-exported for analysis modules)
+    FINAL_KEY,
+    STATE_FILE,
+    STUDY_FILE,
+    SweepDataError,
+    last_result,
+    read_state,
+)
 
 STATUSES = ("complete", "stopped", "error", "running", "pending")
 CONFIG_PREFIX = "config/"
@@ -34,66 +41,6 @@ CONFIG_PREFIX = "config/"
 _RAY_KEYS = {"timestamp", "checkpoint_dir_name", "done", "training_iteration", "trial_id", "date", "time_this_iter_s",
              "time_total_s", "pid", "hostname", "node_ip", "config", "time_since_restore", "iterations_since_restore",
              "node_id", "mlflow_unsent", FINAL_KEY}
-
-
-class SweepDataError(ValueError):
-    """The sweep folder, study or MLflow run cannot be read."""
-
-
-def read_state(sweep_dir: str | Path) -> dict[str, Any]:
-    """The sweep's own record (``prunevision_sweep.json``), written before Ray started."""
-    p = Path(sweep_dir) / STATE_FILE
-    if not p.is_file():
-        raise SweepDataError(f"{sweep_dir} is not a prunevision sweep folder (no {STATE_FILE})")
-    try:
-        state = json.loads(p.read_text())
-    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
-        raise SweepDataError(f"{p} is damaged (not JSON)") from None
-    except OSError as e:
-        raise SweepDataError(f"cannot read {p}: {e.strerror or e}") from None
-    problem = _state_problem(state)
-    if problem:
-        raise SweepDataError(f"{p} is damaged: {problem}")
-    return state
-
-
-# what every reader of prunevision_sweep.json relies on: key → type (a tuple: one of these);
-# keys marked optional may be missing (older sweep files), but not of another type
-_STATE_SCHEMA: dict[str, Any] = {
-    "name": str, "sweep_dir": (str, "optional"), "storage": (str, "optional"), "base": (dict, "optional"),
-    "source": (dict, "optional"),
-    "settings": {"tracking_uri": str, "experiment_id": str, "parent_run_id": str},
-    "run": {"objectives": dict, "num_samples": int, "max_concurrent": (int, "optional"), "sampler": (str, "optional"),
-            "seed": (int, "optional"), "resources": (dict, "optional"), "max_failures": (int, "optional")},
-}
-
-
-def _state_problem(state: Any, schema: dict[str, Any] = _STATE_SCHEMA, where: str = "") -> str | None:
-    """What is wrong with a sweep's state record (None: nothing)."""
-    if not isinstance(state, dict):
-        return f"{where or 'the file'} is not a JSON object"
-    for key, want in schema.items():
-        name = f"{where}{key}"
-        if isinstance(want, dict):
-            problem = _state_problem(state.get(key), want, f"{name}.") if key in state else f"no {name!r}"
-            if problem:
-                return problem
-            continue
-        optional = isinstance(want, tuple)
-        tp = want[0] if optional else want
-        if key not in state:
-            if not optional:
-                return f"no {name!r}"
-            continue
-        v = state[key]
-        if not isinstance(v, tp) or isinstance(v, bool) or (tp is str and not v):
-            return f"{name!r} is {str(v)[:40]!r}, not a {'non-empty string' if tp is str else tp.__name__}"
-    if where:
-        return None
-    objectives = state["run"]["objectives"]
-    if not objectives or not all(isinstance(k, str) and v in ("max", "min") for k, v in objectives.items()):
-        return "'run.objectives' must map metric names to max or min"
-    return None
 
 
 def _ray_statuses(sweep_dir: Path) -> dict[str, dict[str, Any]]:

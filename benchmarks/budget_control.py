@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import RESULTS_MD, append_results, md_table, write_raw  # noqa: E402
-from prunevision.cli import add_set_argument  # noqa: E402
+from prunevision.cliargs import add_set_argument  # noqa: E402
 
 
 def run_one(base: dict, model: str, budget: float, kind: str, seed: int) -> dict:

@@ -28,7 +28,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import RESULTS_MD, ROOT, append_results, machine, md_table  # noqa: E402
-from prunevision.cli import add_set_argument  # noqa: E402
+from prunevision.cliargs import add_set_argument  # noqa: E402
 
 # 2,000 images in batches of 32 for 4 epochs: about as many gate updates (250) as a quickstart
 # trial (312), so the gates close as they do there; with batches of 128 here no gate closed.

@@ -50,7 +50,7 @@ def main() -> None:
     base = json.loads(json.dumps(BASE))
     base["train"]["epochs"] = args.epochs
     cfgs = configs(args.trials)
-    exe = [sys.executable, "-m", "prunevision"]
+    exe = [sys.executable, "-m", "prunevision_cli"]
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -13,12 +13,15 @@ from __future__ import annotations
 import errno
 import fcntl
 import io
+import json
+import math
 import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 LOCK_FILE = ".prunevision.lock"
 
@@ -183,3 +186,18 @@ def claim_run_folder(path: str | Path, outputs: tuple[str, ...], *, finished: st
         yield RunFolder(out, outputs, clear=overwrite and bool(present),
                         keep=[p for p in (resume_file, source_file) if p is not None])
 
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """``obj`` as indented JSON, written atomically (NaN and inf as null)."""
+    atomic_write(path, json.dumps(_finite(obj), indent=2))
+
+
+def _finite(o: Any) -> Any:
+    """NaN/inf become null: metrics.json stays valid JSON."""
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_finite(v) for v in o]
+    return o

@@ -8,10 +8,7 @@ torchvision classification model as ``torchvision:<name>`` come from the same pl
 
 from __future__ import annotations
 
-import difflib
 import os
-from collections.abc import Callable
-from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -19,52 +16,19 @@ from torch import nn
 
 from prunevision.config import ConfigError, GateConfig, ModelConfig
 from prunevision.gates import PrunableLinear, instrument
-
-ModelBuilder = Callable[[ModelConfig, int, int], nn.Module]
-_REGISTRY: dict[str, ModelBuilder] = {}
-TORCHVISION_SHORT_NAMES = ("resnet18", "mobilenet_v3_small", "mobilenet_v2", "efficientnet_b0")
+from prunevision.registry import (  # noqa: F401  (re-exported: the registry's public names)
+    _REGISTRY,
+    TORCHVISION_SHORT_NAMES,
+    ModelBuilder,
+    check_model_name,
+    list_models,
+    register_model,
+    torchvision_classifiers,
+)
 
 
 class PretrainedWeightsError(RuntimeError):
     """Pretrained weights were asked for and could not be loaded."""
-
-
-def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
-    def deco(fn: ModelBuilder) -> ModelBuilder:
-        _REGISTRY[name] = fn
-        return fn
-
-    return deco
-
-
-def list_models() -> list[str]:
-    """Registered names (``torchvision:<name>`` accepts any torchvision classifier besides)."""
-    return sorted(_REGISTRY)
-
-
-@lru_cache(maxsize=1)
-def torchvision_classifiers() -> tuple[str, ...]:
-    import torchvision
-
-    return tuple(torchvision.models.list_models(module=torchvision.models))
-
-
-def check_model_name(name: str, key: str = "model.name") -> None:
-    if name in _REGISTRY:
-        return
-    if name.startswith("torchvision:"):
-        tv = name.split(":", 1)[1]
-        if tv in torchvision_classifiers():
-            return
-        close = difflib.get_close_matches(tv, torchvision_classifiers(), n=1)
-        hint = f" (did you mean 'torchvision:{close[0]}'?)" if close else ""
-        raise ConfigError(f"{key}: {tv!r} is not a torchvision classification model{hint}")
-    close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    raise ConfigError(
-        f"{key}: unknown model {name!r}{hint}; choose from {', '.join(list_models())} "
-        "or torchvision:<name>"
-    )
 
 
 def create_model(cfg: ModelConfig, num_classes: int, image_size: int, pretrained: bool | None = None) -> nn.Module:

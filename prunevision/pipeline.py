@@ -11,8 +11,6 @@ training checkpoint: every ``train.checkpoint_every`` epochs and at the end),
 
 from __future__ import annotations
 
-import json
-import math
 import platform
 import time
 from collections.abc import Callable
@@ -25,7 +23,7 @@ from prunevision.config import ConfigError, ExperimentConfig, save_config
 from prunevision.console import echo
 from prunevision.data import Dataset, DeviceLoader, load_dataset
 from prunevision.diagnostics import GATE_BINS, gate_snapshot, plot_gate_history
-from prunevision.fsutil import atomic_write, ensure_dir
+from prunevision.fsutil import ensure_dir, write_json
 from prunevision.gates import gate_stats, iter_gates
 from prunevision.models import build_gated_model
 from prunevision.train import Reporter, TrainState, evaluate, fit, load_checkpoint, select_device
@@ -151,18 +149,3 @@ def final_metrics(state: TrainState, data: Dataset, cfg: ExperimentConfig, train
 RUN_OUTPUTS = ("metrics.json", "config.yaml", "checkpoint.pt", "pruned.safetensors", "model.onnx", "dense.onnx",
                "gate_history.json", "gate_histogram.png", "gate_histograms_over_training.png",
                "first_conv_filters.png", "prune_steps.png", "ratio_curve.png", "ratios")
-
-
-def write_json(path: Path, obj: Any) -> None:
-    atomic_write(path, json.dumps(_finite(obj), indent=2))
-
-
-def _finite(o: Any) -> Any:
-    """NaN/inf become null: metrics.json stays valid JSON."""
-    if isinstance(o, float) and not math.isfinite(o):
-        return None
-    if isinstance(o, dict):
-        return {k: _finite(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_finite(v) for v in o]
-    return o

@@ -10,7 +10,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from prunevision.cli import add_set_argument
+from prunevision.cliargs import add_set_argument
 from prunevision.config import ConfigError, parse_overrides
 
 # seconds-long trials: what CI runs

@@ -6,7 +6,7 @@ from typing import Any
 
 from ray.tune.search.optuna import OptunaSearch
 
-from sweeps.run import FINAL_KEY, MLFLOW_TRIAL_KEY, RAY_TRIAL_ATTR, RESUME_ATTR, RESUME_KEY
+from sweeps.folder import FINAL_KEY, MLFLOW_TRIAL_KEY, RAY_TRIAL_ATTR, RESUME_ATTR, RESUME_KEY
 from sweeps.spec import Dist, suggest
 
 

@@ -28,7 +28,7 @@ def smoke_sweep(tmp_path_factory):
     import sys
 
     tmp = tmp_path_factory.mktemp("sweep")
-    cmd = [sys.executable, "-m", "prunevision", "sweep", "run", str(ROOT / "sweeps" / "configs" / "smoke.yaml"),
+    cmd = [sys.executable, "-m", "prunevision_cli", "sweep", "run", str(ROOT / "sweeps" / "configs" / "smoke.yaml"),
            "--smoke-test", "--storage", str(tmp / "runs"), "--num-cpus", "2", "--set", "name=an"]
     r = subprocess.run(cmd, cwd=tmp, env=sweep_env(tmp), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

@@ -14,7 +14,7 @@ import pytest
 from analysis.choose import choose, make_bounds, selection_objectives
 from analysis.pareto import ConstraintError, nondominated_ranks
 from analysis.results import load_ray, load_sweep, read_state
-from prunevision.cli import main
+from prunevision_cli.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
 OBJ = {"val_accuracy": "max", "param_sparsity": "max", "latency_ms": "min"}  # what the shipped sweeps use

@@ -8,7 +8,7 @@ import torch
 import yaml
 from conftest import write_cifar_batches
 
-from prunevision.cli import main
+from prunevision_cli.main import main
 
 FAST = ["--set", "measure.exporter=torchscript"]
 

@@ -1,7 +1,7 @@
 import pytest
 
-from prunevision.cli import main
 from prunevision.config import ConfigError, ExperimentConfig, load_config
+from prunevision_cli.main import main
 
 
 def test_defaults_and_required_keys():

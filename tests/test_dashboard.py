@@ -16,7 +16,7 @@ import optuna
 import pytest
 from test_sweeps import make_spec
 
-from prunevision.cli import build_parser, main
+from prunevision_cli.main import build_parser, main
 from sweeps.cli import print_summary
 from sweeps.run import STUDY_FILE, prepare, sweep_status
 
@@ -160,7 +160,7 @@ def test_set_takes_several_pairs_and_repeats(prefix, capsys):
 
 
 def test_set_pairs_reach_the_config():
-    from prunevision.cli import build_config
+    from prunevision_cli.main import build_config
 
     args = build_parser().parse_args(["train", "--set", "gates.lam=2", "train.epochs=3", "--set", "data.subset=64"])
     cfg = build_config(args)
@@ -172,4 +172,4 @@ def test_every_set_option_is_the_shared_one():
     own = [str(p.relative_to(ROOT)) for d in ("prunevision", "sweeps", "analysis", "benchmarks")
            for p in sorted((ROOT / d).rglob("*.py"))
            for line in p.read_text().splitlines() if re.search(r"""add_argument\(\s*["']--set""", line)]
-    assert own == ["prunevision/cli.py"]  # add_set_argument
+    assert own == ["prunevision/cliargs.py"]  # add_set_argument

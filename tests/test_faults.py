@@ -21,11 +21,10 @@ from safetensors.torch import save
 
 from prunevision import fsutil
 from prunevision.checkpoint import PrunedCheckpointError, _digest, load_pruned, read_pruned, save_pruned
-from prunevision.cli import main
 from prunevision.config import ConfigError, DataConfig, ModelConfig, load_config
 from prunevision.data import MAX_IMAGE_PIXELS, DatasetError, load_dataset
-from prunevision.fsutil import OutputError, atomic_write, locked_folder
-from prunevision.pipeline import write_json
+from prunevision.fsutil import OutputError, atomic_write, locked_folder, write_json
+from prunevision_cli.main import main
 
 QUICK = ["--smoke-test", "--set", "measure.enabled=false"]
 

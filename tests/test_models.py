@@ -127,3 +127,11 @@ def test_pickled_module_weights_are_refused(tmp_path):
     with pytest.raises(PretrainedWeightsError, match="not found"):
         create_model(ModelConfig(name="resnet18", pretrained=True, weights=str(tmp_path / "x.pth")),
                      num_classes=10, image_size=32)
+
+
+def test_the_config_knows_the_models_the_builders_register():
+    # the config checks names against BUILTIN_MODELS without importing the builders: every one is built
+    from prunevision.models import _REGISTRY
+    from prunevision.registry import BUILTIN_MODELS
+
+    assert set(BUILTIN_MODELS) <= set(_REGISTRY)

@@ -1,4 +1,5 @@
-"""The ``prunevision`` command line."""
+"""The ``prunevision`` command line: above the library, the sweep layer and the analysis, which
+it dispatches to (none of them imports this package)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from prunevision.cliargs import add_set_argument
 from prunevision.config import ConfigError, ExperimentConfig, load_config, parse_overrides
 
 # Tiny data and one short epoch: every entry point runs in CI in seconds.
@@ -23,24 +25,6 @@ SMOKE_OVERRIDES = {
 
 OVERWRITE_HELP = ("replace the run already in --out (refused without it); its files are removed only once the "
                   "new run has loaded its data and built its model")
-
-
-class _KeyValues(argparse.Action):
-    """``--set a=1 b=2`` and ``--set a=1 --set b=2`` both add to one list of KEY=VALUE strings."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        for item in values:
-            if "=" not in item:
-                parser.error(f"{option_string} expects KEY=VALUE pairs, got {item!r} (arguments without a "
-                             f"--flag go before {option_string}, or after --)")
-        setattr(namespace, self.dest, [*(getattr(namespace, self.dest, None) or []), *values])
-
-
-def add_set_argument(p: argparse.ArgumentParser | argparse._ArgumentGroup, help: str) -> None:
-    """The ``--set KEY=VALUE [KEY=VALUE ...]`` option (repeatable) every command with overrides uses;
-    the pairs land in ``args.overrides``, in order (a later pair for the same key wins)."""
-    p.add_argument("--set", dest="overrides", action=_KeyValues, nargs="+", default=[], metavar="KEY=VALUE",
-                   help=f"{help}; several pairs per --set, and --set repeats")
 
 
 def _train_parser(sub: argparse._SubParsersAction) -> None:
@@ -177,8 +161,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def _prune_into(folder, ckpt: dict, cfg: ExperimentConfig) -> int:
     from prunevision.config import save_config
     from prunevision.data import load_dataset
+    from prunevision.fsutil import write_json
     from prunevision.models import build_gated_model
-    from prunevision.pipeline import write_json
     from prunevision.train import CheckpointError, select_device
     from prunevision.trial import prune_and_measure
 

@@ -1,5 +1,0 @@
-import sys
-
-from prunevision.cli import main
-
-sys.exit(main())

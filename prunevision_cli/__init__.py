@@ -1,0 +1,1 @@
+"""The ``prunevision`` command line (console script ``prunevision``; ``python -m prunevision_cli``)."""

@@ -1,0 +1,5 @@
+import sys
+
+from prunevision_cli.main import main
+
+sys.exit(main())
