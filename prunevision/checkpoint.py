@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save
 from torch import nn
 
-from prunevision.config import ConfigError, ModelConfig
+from prunevision.config import MAX_IMAGE_SIZE, ConfigError, ModelConfig
 from prunevision.fsutil import atomic_write, ensure_dir
 
 FORMAT = "prunevision-pruned"
@@ -89,7 +89,6 @@ def save_pruned(
 # can recompute it after an edit), so every field is checked before anything is built from it:
 # nothing is allocated from a declared size without such a bound.
 MAX_CLASSES = 100_000
-MAX_IMAGE_SIZE = 1024  # side in px of the input the rebuilt model is checked with
 MAX_WIDTH = 1 << 16  # channels of one layer
 MAX_FUSION_CHANNELS = 16_384
 MAX_BACKBONES = 8

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,12 +18,18 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from prunevision.errors import ConfigError
+from prunevision.registry import check_model_name
+
 PenaltyMode = Literal["mean", "sum", "flops"]
 Schedule = Literal["constant", "linear", "staged", "cubic"]
 GateKind = Literal["sigmoid", "ste", "hard_concrete"]
 # τ for hard gates: they are exactly 0 when closed (a deterministic hard-concrete gate can be a small
 # positive number when open, so anything under this counts as zero)
 HARD_GATE_THRESHOLD = 1e-6
+# the largest input side (px) a config or a checkpoint may ask for: classifiers here run at 32-224
+# px, and 100,000 px would mean a 1.2 TB batch before the first error
+MAX_IMAGE_SIZE = 1024
 PruneMethod = Literal[
     "gate",
     "l1_unstructured",
@@ -37,8 +44,6 @@ PruneMethod = Literal[
 ]
 
 
-class ConfigError(ValueError):
-    """A configuration problem, reported as one line that names the offending key."""
 
 
 @dataclass(frozen=True)
@@ -58,8 +63,6 @@ class ModelConfig:
     dropout: float = 0.3
 
     def __post_init__(self) -> None:
-        from prunevision.models import check_model_name
-
         check_model_name(self.name, key="model.name")
         if self.name == "hybrid":
             if not self.backbones:
@@ -125,7 +128,7 @@ class DataConfig:
         _check_range("data.val_split", self.val_split, low=0.0, high=0.5)
         _check_range("data.batch_size", self.batch_size, low=1)
         _check_range("data.eval_batch_size", self.eval_batch_size, low=1)
-        _check_range("data.image_size", self.image_size, low=8, optional=True)
+        _check_range("data.image_size", self.image_size, low=8, high=MAX_IMAGE_SIZE, optional=True)
         _check_range("data.stream_above", self.stream_above, low=8)
         _check_range("data.workers", self.workers, low=0)
         _check_range("data.num_classes", self.num_classes, low=2)
@@ -377,7 +380,7 @@ def from_dict(data: dict[str, Any], overrides: dict[str, Any] | None = None) -> 
     merged = _deep_copy(data)
     for dotted, value in (overrides or {}).items():
         _set_dotted(merged, dotted, value)
-    cfg = _build(ExperimentConfig, merged, prefix="")
+    cfg = build_section(ExperimentConfig, merged, prefix="")
     if cfg.prune.method != "gate" and (cfg.gates.lam != 0 or cfg.gates.kind != "sigmoid"):
         # Baselines prune the plainly trained network: the gate penalty exists for gate pruning,
         # and under it a baseline would start from a network already squeezed by the gates. Their
@@ -406,7 +409,10 @@ def save_config(cfg: ExperimentConfig, path: str | Path) -> None:
 # --------------------------------------------------------------------------- internals
 
 
-def _build(cls: type, data: Any, prefix: str) -> Any:
+def build_section(cls: type, data: Any, prefix: str) -> Any:
+    """A frozen dataclass from a mapping the user wrote: unknown keys (with a "did you mean"), wrong
+    types and shapes, non-finite numbers and the class's own range checks, each as one ConfigError
+    line naming the dotted key. The one validator behind configs and sweep files."""
     if not isinstance(data, dict):
         where = prefix.rstrip(".") or "config"
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
@@ -426,7 +432,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         tp = hints[f.name]
         key = f"{prefix}{f.name}"
         if dataclasses.is_dataclass(tp):
-            kwargs[f.name] = _build(tp, data[f.name], key + ".")
+            kwargs[f.name] = build_section(tp, data[f.name], key + ".")
         else:
             kwargs[f.name] = _coerce(key, data[f.name], tp)
     try:
@@ -468,7 +474,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             raise ConfigError(f"{key}: expected true or false, got {value!r}")
         return value
     if tp is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or value != int(value):
             raise ConfigError(f"{key}: expected a whole number, got {value!r}")
         return int(value)
     if tp is float:
@@ -481,6 +488,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         if value != value:  # NaN
             raise ConfigError(f"{key}: NaN is not allowed")
+        if not math.isfinite(value):  # no setting means "unbounded" by .inf
+            raise ConfigError(f"{key}: {value} is not a finite number")
         return float(value)
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):

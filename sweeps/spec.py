@@ -26,18 +26,28 @@ failure: {max_failures: 1}
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Optional
 
-from prunevision.config import ConfigError, ExperimentConfig, flatten, from_dict, load_config, read_yaml_mapping
+from prunevision.config import (
+    ConfigError,
+    ExperimentConfig,
+    _check_range,
+    build_section,
+    flatten,
+    from_dict,
+    load_config,
+    read_yaml_mapping,
+)
 
 # val_accuracy: the pruned model's accuracy on the validation split (data.val_split), what sweeps
 # optimise; accuracy is the test accuracy, reported with every trial (choosing on it overfits the test set)
-OBJECTIVE_METRICS = ("val_accuracy", "accuracy", "param_sparsity", "latency_ms", "macs", "params", "size_bytes",
-                     "size_gzip_bytes", "gate_sparsity", "latency_speedup", "macs_reduction")
+from prunevision.metrics import EPOCH_METRICS, OBJECTIVE_METRICS
+
 SAMPLERS = ("tpe", "nsga2", "random")
 DIST_TYPES = ("loguniform", "uniform", "int", "categorical")
 _TOP_KEYS = ("name", "base", "base_config", "space", "points_to_evaluate", "objectives", "search", "resources",
@@ -91,6 +101,59 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Swe
     return parse_sweep(raw, overrides or {}, default_name=p.stem)
 
 
+@dataclass(frozen=True)
+class SearchSection:
+    sampler: Literal["tpe", "nsga2", "random"] = "tpe"
+    seed: int = 0
+    num_samples: int = 8
+    max_concurrent: int = 1
+    population_size: Optional[int] = None  # NSGA-II only
+
+    def __post_init__(self) -> None:
+        _check_range("search.seed", self.seed, low=0)
+        _check_range("search.num_samples", self.num_samples, low=1)
+        _check_range("search.max_concurrent", self.max_concurrent, low=1)
+        _check_range("search.population_size", self.population_size, low=2, optional=True)
+        if self.population_size is not None and self.sampler != "nsga2":
+            raise SweepError("search.population_size: only for sampler nsga2")
+
+
+@dataclass(frozen=True)
+class ResourcesSection:
+    cpu: float = 1.0
+    gpu: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_range("resources.cpu", self.cpu, low=0.0, low_open=True)  # a trial needs some CPU
+        _check_range("resources.gpu", self.gpu, low=0.0)
+
+
+@dataclass(frozen=True)
+class SchedulerSection:
+    type: Literal["asha"] = "asha"
+    grace_period: int = 1
+    reduction_factor: float = 2.0
+
+    def __post_init__(self) -> None:
+        _check_range("scheduler.grace_period", self.grace_period, low=1)
+        _check_range("scheduler.reduction_factor", self.reduction_factor, low=1.0, low_open=True)
+
+
+@dataclass(frozen=True)
+class MlflowSection:
+    tracking_uri: Optional[str] = None
+    experiment: Optional[str] = None
+    log_models: bool = False
+
+
+@dataclass(frozen=True)
+class FailureSection:
+    max_failures: int = 1
+
+    def __post_init__(self) -> None:
+        _check_range("failure.max_failures", self.max_failures, low=0)
+
+
 def parse_sweep(raw: dict[str, Any], overrides: dict[str, Any] | None = None, default_name: str = "sweep") -> SweepSpec:
     for k in raw:
         if k not in _TOP_KEYS:
@@ -99,36 +162,86 @@ def parse_sweep(raw: dict[str, Any], overrides: dict[str, Any] | None = None, de
     overrides = dict(overrides or {})
     run_keys = {k: overrides.pop(k) for k in list(overrides) if k.split(".")[0] in ("search", "resources", "name")}
     try:
-        base = from_dict(raw.get("base") or {}, overrides)  # validates the base config, with --set overrides
+        base = from_dict(_mapping(raw, "base") or {}, overrides)  # validates the base config, with --set overrides
     except ConfigError as e:
         raise SweepError(f"base: {e}") from None
-    valid_keys = set(base.flat())
-    space = {k: _parse_dist(k, v, valid_keys) for k, v in (raw.get("space") or {}).items()}
+    space = _parse_space(_mapping(raw, "space") or {}, set(base.flat()))
     for key in space:
         if key in overrides:
             raise SweepError(f"--set {key}: this key is searched over in the sweep's space")
-    search = dict(raw.get("search") or {})
+    raw = _with_run_overrides(raw, run_keys)
+    search = _section(SearchSection, raw, "search")
+    resources = _section(ResourcesSection, raw, "resources")
+    _check_gpu_request(resources.gpu, base.train.device)
+    scheduler = _section(SchedulerSection, raw, "scheduler") if raw.get("scheduler") is not None else None
+    points = raw.get("points_to_evaluate") or []
+    if not isinstance(points, list):
+        raise SweepError("points_to_evaluate: a list of {key: value} configurations")
+    for i, pt in enumerate(points):
+        _check_point(i, pt, space, base)
+    return SweepSpec(
+        name=_name(raw, default_name), base=base.to_dict(), space=space, points_to_evaluate=points,
+        objectives=_objectives(raw.get("objectives")), sampler=search.sampler, seed=search.seed,
+        num_samples=search.num_samples, max_concurrent=search.max_concurrent,
+        population_size=search.population_size, resources={"cpu": resources.cpu, "gpu": resources.gpu},
+        scheduler=dataclasses.asdict(scheduler) if scheduler is not None else None,
+        mlflow={k: v for k, v in dataclasses.asdict(_section(MlflowSection, raw, "mlflow")).items()
+                if k in (raw.get("mlflow") or {})},
+        max_failures=_section(FailureSection, raw, "failure").max_failures,
+        score=_score(raw.get("score")), source=raw,
+    )
+
+
+def _only(d: dict, allowed: tuple[str, ...], section: str) -> None:
+    for k in d:
+        if k not in allowed:
+            close = difflib.get_close_matches(str(k), allowed, n=1)
+            raise SweepError(f"unknown key {section}.{k}" + (f" (did you mean {section}.{close[0]}?)" if close else ""))
+
+
+def _mapping(raw: dict[str, Any], key: str) -> Any:
+    v = raw.get(key)
+    if v is not None and not isinstance(v, dict):
+        raise SweepError(f"{key}: expected a mapping, got {type(v).__name__}")
+    return v
+
+
+def _section(cls: type, raw: dict[str, Any], key: str) -> Any:
+    """One section of the sweep file through the config's validator (shape, keys, types, ranges)."""
+    data = _mapping(raw, key) or {}
+    _only(data, tuple(f.name for f in dataclasses.fields(cls)), key)
+    if cls is SearchSection and data.get("sampler", "tpe") not in SAMPLERS:
+        raise SweepError(f"search.sampler: unknown sampler {data['sampler']!r}; choose from {', '.join(SAMPLERS)}")
+    if cls is SchedulerSection and data.get("type") != "asha":
+        raise SweepError("scheduler: only {type: asha, grace_period, reduction_factor} is supported")
+    try:
+        return build_section(cls, data, prefix=f"{key}.")
+    except SweepError:
+        raise
+    except ConfigError as e:
+        raise SweepError(str(e)) from None
+
+
+def _with_run_overrides(raw: dict[str, Any], run_keys: dict[str, Any]) -> dict[str, Any]:
+    """``--set name=... search.seed=... resources.cpu=...`` applied to the run sections."""
     for k, v in run_keys.items():
         section, _, sub = k.partition(".")
         if section == "name":
             raw = dict(raw, name=v)
-        elif section == "search":
-            search[sub] = v
         else:
-            raw = dict(raw, resources=dict(raw.get("resources") or {}, **{sub: v}))
-    _only(search, ("sampler", "seed", "num_samples", "max_concurrent", "population_size"), "search")
-    sampler = search.get("sampler", "tpe")
-    if sampler not in SAMPLERS:
-        raise SweepError(f"search.sampler: unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
-    num_samples = _int("search.num_samples", search.get("num_samples", 8), 1)
-    max_conc = _int("search.max_concurrent", search.get("max_concurrent", 1), 1)
-    seed = _int("search.seed", search.get("seed", 0), 0)
-    population = search.get("population_size")
-    if population is not None:
-        population = _int("search.population_size", population, 2)
-        if sampler != "nsga2":
-            raise SweepError("search.population_size: only for sampler nsga2")
-    objectives = raw.get("objectives") or {"val_accuracy": "max", "param_sparsity": "max", "latency_ms": "min"}
+            raw = dict(raw, **{section: dict(_mapping(raw, section) or {}, **{sub: v})})
+    return raw
+
+
+def _name(raw: dict[str, Any], default: str) -> str:
+    name = str(raw.get("name") or default)
+    if not name.replace("-", "").replace("_", "").isalnum():
+        raise SweepError(f"name: {name!r} may hold letters, digits, - and _ only")
+    return name
+
+
+def _objectives(objectives: Any) -> dict[str, str]:
+    objectives = objectives or {"val_accuracy": "max", "param_sparsity": "max", "latency_ms": "min"}
     if not isinstance(objectives, dict) or not objectives:
         raise SweepError("objectives: a mapping of metric → max|min")
     for m, mode in objectives.items():
@@ -136,43 +249,28 @@ def parse_sweep(raw: dict[str, Any], overrides: dict[str, Any] | None = None, de
             raise SweepError(f"objectives: unknown metric {m!r}; choose from {', '.join(OBJECTIVE_METRICS)}")
         if mode not in ("max", "min"):
             raise SweepError(f"objectives.{m}: {mode!r} must be max or min")
-    resources = dict(raw.get("resources") or {"cpu": 1, "gpu": 0})
-    _only(resources, ("cpu", "gpu"), "resources")
-    for k, v in resources.items():
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
-            raise SweepError(f"resources.{k}: {v!r} must be a number ≥ 0")
-    if resources.get("cpu", 1) <= 0:
-        raise SweepError("resources.cpu: a trial needs some CPU (> 0)")
-    _check_gpu_request(resources.get("gpu", 0), base.train.device)
-    scheduler = raw.get("scheduler")
-    if scheduler is not None:
-        if not isinstance(scheduler, dict) or scheduler.get("type") != "asha":
-            raise SweepError("scheduler: only {type: asha, grace_period, reduction_factor} is supported")
-        _only(scheduler, ("type", "grace_period", "reduction_factor"), "scheduler")
-        _int("scheduler.grace_period", scheduler.get("grace_period", 1), 1)
-        if scheduler.get("reduction_factor", 2) <= 1:
-            raise SweepError("scheduler.reduction_factor: must be > 1")
-    mlflow_cfg = dict(raw.get("mlflow") or {})
-    _only(mlflow_cfg, ("tracking_uri", "experiment", "log_models"), "mlflow")
-    failure = dict(raw.get("failure") or {})
-    _only(failure, ("max_failures",), "failure")
-    score = raw.get("score") or {"val_accuracy": 1.0, "gates_below_threshold": 0.2}
-    points = raw.get("points_to_evaluate") or []
-    if not isinstance(points, list):
-        raise SweepError("points_to_evaluate: a list of {key: value} configurations")
-    for i, pt in enumerate(points):
-        _check_point(i, pt, space, base)
-    name = str(raw.get("name") or default_name)
-    if not name.replace("-", "").replace("_", "").isalnum():
-        raise SweepError(f"name: {name!r} may hold letters, digits, - and _ only")
-    return SweepSpec(
-        name=name, base=base.to_dict(), space=space, points_to_evaluate=points, objectives=dict(objectives),
-        sampler=sampler, seed=seed, num_samples=num_samples, max_concurrent=max_conc, population_size=population,
-        resources=resources,
-        scheduler=scheduler, mlflow=mlflow_cfg, max_failures=_int("failure.max_failures",
-                                                                  failure.get("max_failures", 1), 0),
-        score=dict(score), source=raw,
-    )
+    return dict(objectives)
+
+
+def _score(score: Any) -> dict[str, float]:
+    """ASHA's one number: weights of metrics every epoch reports (a final-only metric would fail
+    every trial inside Ray at its first report)."""
+    if score is None:
+        return {"val_accuracy": 1.0, "gates_below_threshold": 0.2}
+    if not isinstance(score, dict) or not score:
+        raise SweepError("score: a mapping of per-epoch metric → weight")
+    for m, w in score.items():
+        if m not in EPOCH_METRICS:
+            close = difflib.get_close_matches(str(m), EPOCH_METRICS, n=1)
+            raise SweepError(f"score: {m!r} is not reported every epoch" + (f" (did you mean {close[0]!r}?)" if close
+                             else "") + f"; choose from {', '.join(EPOCH_METRICS)}")
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+            raise SweepError(f"score.{m}: {w!r} must be a finite number")
+    return {k: float(v) for k, v in score.items()}
+
+
+def _parse_space(space: dict[str, Any], valid_keys: set[str]) -> dict[str, Dist]:
+    return {k: _parse_dist(k, v, valid_keys) for k, v in space.items()}
 
 
 def _check_gpu_request(gpu: float, device: str) -> None:
@@ -185,19 +283,6 @@ def _check_gpu_request(gpu: float, device: str) -> None:
         if max(int(gpu), 1 if gpu > 0 else 0) <= n:
             raise SweepError(f"train.device={device} needs {n + 1} GPU(s) per trial but resources.gpu is {gpu:g}: "
                              "raise resources.gpu, or use train.device=auto (the GPU Ray assigns, else the CPU)")
-
-
-def _only(d: dict, allowed: tuple[str, ...], section: str) -> None:
-    for k in d:
-        if k not in allowed:
-            close = difflib.get_close_matches(k, allowed, n=1)
-            raise SweepError(f"unknown key {section}.{k}" + (f" (did you mean {section}.{close[0]}?)" if close else ""))
-
-
-def _int(key: str, v: Any, low: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < low:
-        raise SweepError(f"{key}: {v!r} must be a whole number ≥ {low}")
-    return v
 
 
 def _parse_dist(key: str, spec: Any, valid_keys: set[str]) -> Dist:
@@ -222,6 +307,8 @@ def _parse_dist(key: str, spec: Any, valid_keys: set[str]) -> Dist:
     low, high = spec.get("low"), spec.get("high")
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)):
         raise SweepError(f"space.{key}: {t} needs numeric low and high")
+    if not all(math.isfinite(v) for v in (low, high)):
+        raise SweepError(f"space.{key}: low {low} and high {high} must be finite numbers")
     if not low < high:
         raise SweepError(f"space.{key}: empty range (low {low} ≥ high {high})")
     if t == "loguniform" and low <= 0:
