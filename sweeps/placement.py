@@ -20,9 +20,7 @@ default): every GPU of the node stays visible, so the device is chosen here, nev
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 
@@ -72,16 +70,3 @@ def current_placement(requested: str) -> dict[str, Any]:
     return {"node_id": ray.get_runtime_context().get_node_id(), "gpu_ids": gpu_ids,
             "cuda_visible_devices": visible,
             "device": trial_device(requested, gpu_ids, torch.cuda.is_available(), visible)}
-
-
-def wait_for_peers(folder: str | Path, me: str, count: int, timeout_s: float = 120.0) -> int:
-    """Test hook: hold this trial until ``count`` trials (this one included) have arrived in
-    ``folder`` (a folder every trial can see), or ``timeout_s`` passed; returns how many had
-    arrived. Trials released together were running side by side."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / me).touch()
-    deadline = time.monotonic() + timeout_s
-    while (n := sum(1 for _ in folder.iterdir())) < count and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return n

@@ -10,9 +10,25 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from prunevision.fsutil import LOCK_FILE, atomic_write, locked_folder
+from sweeps.folder import (  # noqa: F401  (re-exported: the names callers know from here)
+    FINAL_KEY,
+    INTERRUPTED_DIR,
+    MLFLOW_TRIAL_KEY,
+    RAY_TRIAL_ATTR,
+    RESUME_ATTR,
+    RESUME_KEY,
+    STATE_FILE,
+    STUDY_FILE,
+    SweepDataError,
+    interrupted_checkpoint,
+    last_result,
+    read_state,
+)
 from sweeps.spec import SweepError, SweepSpec, spec_summary
 from sweeps.tracking import (
     check_reachable,
@@ -24,16 +40,6 @@ from sweeps.tracking import (
     resolve_tracking_uri,
 )
 
-STATE_FILE = "prunevision_sweep.json"
-STUDY_FILE = "optuna.db"
-FINAL_KEY = "trial_final"  # marks a trial's last result: pruned, measured and exported
-# Optuna user attributes linking the study to Ray's trials (resume reads them; no pickles)
-RAY_TRIAL_ATTR = "ray_trial_id"
-RESUME_ATTR = "resume_of"
-RESUME_KEY = "_resume_of"  # in a trial's config: the Ray trial (moved aside) whose checkpoint it continues from
-MLFLOW_TRIAL_KEY = "_mlflow_trial"  # in a trial's config: the trial id of the MLflow child run it logs to
-INTERRUPTED_DIR = ".interrupted"  # where resume moves the folders of the trials it restarts
-
 
 class SweepInterrupted(Exception):
     """The sweep was stopped (Ctrl-C) before all its trials ended; ``sweep resume`` continues it."""
@@ -42,22 +48,6 @@ class SweepInterrupted(Exception):
         self.sweep_dir, self.done, self.total = sweep_dir, done, total
         super().__init__(f"sweep interrupted with {done} of {total} trials done; continue it with "
                          f"`prunevision sweep resume {sweep_dir}`")
-
-
-def last_result(path: str | Path) -> dict[str, Any]:
-    """The last complete JSON line of a Ray ``result.json`` (a line cut short by a killed trial is
-    skipped; no file: empty)."""
-    last: dict[str, Any] = {}
-    path = Path(path)
-    if not path.is_file():
-        return last
-    for line in path.read_text().splitlines():
-        if line.strip():
-            try:
-                last = json.loads(line)
-            except ValueError:
-                continue
-    return last
 
 
 def nsga2_population(num_samples: int, population: int | None = None) -> int:
@@ -126,11 +116,11 @@ def prepare(spec: SweepSpec, storage: str | Path) -> dict[str, Any]:
                 "max_failures": spec.max_failures,
                 "scheduler": spec.scheduler, "objectives": spec.objectives},
     }
-    (sweep_dir / STATE_FILE).write_text(json.dumps(state, indent=2))
+    atomic_write(sweep_dir / STATE_FILE, json.dumps(state, indent=2))
     return state
 
 
-def _trainable(state: dict[str, Any]):
+def _trainable(state: dict[str, Any], trial_fn: Callable[..., None] | None = None):
     from ray import tune
 
     from sweeps.trainable import sweep_trial
@@ -140,13 +130,16 @@ def _trainable(state: dict[str, Any]):
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     res = state["run"]["resources"]
     settings = dict(state["settings"], sweep_dir=state["sweep_dir"])
-    fn = tune.with_parameters(sweep_trial, base=state["base"], settings=settings)
+    fn = tune.with_parameters(trial_fn or sweep_trial, base=state["base"], settings=settings)
     return tune.with_resources(fn, {"cpu": res.get("cpu", 1), "gpu": res.get("gpu", 0)})
 
 
-def build_tuner(spec: SweepSpec, state: dict[str, Any], num_samples: int | None = None):
+def build_tuner(spec: SweepSpec, state: dict[str, Any], num_samples: int | None = None,
+                trial_fn: Callable[..., None] | None = None):
     """The Tuner of a new sweep, or (``num_samples``: the trials left) of a resumed one, whose
-    points to evaluate and cut-off trials already wait in the study."""
+    points to evaluate and cut-off trials already wait in the study. ``trial_fn``: the function
+    each trial runs (default :func:`sweeps.trainable.sweep_trial`; a wrapper of it takes
+    ``(config, *, base, settings)`` too), e.g. to add fault injection or instrumentation."""
     import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -179,7 +172,7 @@ def build_tuner(spec: SweepSpec, state: dict[str, Any], num_samples: int | None 
                                   max_t=epochs + 1, grace_period=s.get("grace_period", 1),
                                   reduction_factor=s.get("reduction_factor", 2))
     return tune.Tuner(
-        _trainable(state),
+        _trainable(state, trial_fn),
         tune_config=tune.TuneConfig(search_alg=search, scheduler=scheduler,
                                     num_samples=run["num_samples"] if num_samples is None else num_samples,
                                     reuse_actors=True),  # no new worker process (and imports) per trial
@@ -303,7 +296,6 @@ def _forget_if_unstarted(state: dict[str, Any]) -> None:
     d = Path(state["sweep_dir"])
     if "://" in state["storage"] or (d / STUDY_FILE).exists() or any(d.glob("*/params.json")):
         return
-    from prunevision.fsutil import LOCK_FILE
 
     for name in (STATE_FILE, LOCK_FILE):
         (d / name).unlink(missing_ok=True)
@@ -335,7 +327,6 @@ def _run(state: dict[str, Any], spec: SweepSpec, address: str | None, num_cpus: 
 
 
 def load_state(sweep_dir: str | Path) -> dict[str, Any]:
-    from analysis.results import SweepDataError, read_state
 
     try:
         state = read_state(sweep_dir)
@@ -438,14 +429,6 @@ def _mark_unfinished_children(c, state: dict[str, Any]) -> None:
         pass
 
 
-def interrupted_checkpoint(sweep_dir: str | Path, ray_trial_id: str) -> Path | None:
-    """The newest epoch checkpoint (``checkpoint_*/checkpoint.pt``) Ray persisted for a trial that
-    ``sweep resume`` moved aside."""
-    ckpts = sorted(Path(sweep_dir, INTERRUPTED_DIR).glob(f"*_{ray_trial_id}_*/checkpoint_*/checkpoint.pt"),
-                   key=lambda p: p.parent.name)
-    return ckpts[-1] if ckpts else None
-
-
 def _progress(state: dict[str, Any]) -> tuple[int, int]:
     """(trials ended, trials asked for) by the Optuna study."""
     from optuna.trial import TrialState
@@ -488,7 +471,6 @@ def _close_parent(state: dict[str, Any], status: str) -> None:
 
 def driver_lock(sweep_dir: str | Path):
     """One driver per sweep folder: a second ``sweep run``/``resume`` on it gets one line."""
-    from prunevision.fsutil import locked_folder
 
     return locked_folder(sweep_dir, "sweep folder", busy="{path} is in use by another sweep driver (pid {pid})",
                          error=SweepError)

@@ -20,19 +20,12 @@ from typing import Any
 from ray import tune
 
 from prunevision.config import from_dict
+from prunevision.metrics import FINAL_METRICS  # reported at the end: what the analysis step reads
 from prunevision.pipeline import run_training
-from sweeps.placement import current_placement, wait_for_peers
-from sweeps.run import FINAL_KEY, MLFLOW_TRIAL_KEY, RESUME_KEY, interrupted_checkpoint
+from sweeps.folder import FINAL_KEY, MLFLOW_TRIAL_KEY, RESUME_KEY, interrupted_checkpoint
+from sweeps.placement import current_placement
 from sweeps.spec import scalar_score
 from sweeps.tracking import TrialLogger, dataset_record
-
-# metrics reported at the end (besides the objectives): what the analysis step reads. val_accuracy
-# (validation split) is what the sweep optimises; accuracy (test split) is reported alongside.
-FINAL_METRICS = ("val_accuracy", "val_accuracy_dense", "accuracy", "accuracy_dense", "accuracy_before_finetune",
-                 "params", "params_dense", "macs", "macs_dense", "param_sparsity", "macs_reduction", "gate_sparsity",
-                 "zero_fraction", "size_bytes", "size_gzip_bytes", "latency_ms", "latency_ms_p90", "latency_ms_dense",
-                 "latency_speedup", "onnx_max_abs_diff", "train_time_s", "mean_gate", "gates_below_threshold",
-                 "macs_share", "target_macs")
 
 
 def sweep_trial(config: dict[str, Any], *, base: dict[str, Any], settings: dict[str, Any]) -> None:
@@ -71,9 +64,6 @@ def sweep_trial(config: dict[str, Any], *, base: dict[str, Any], settings: dict[
             resume = resume_from(prior)
 
     weights = settings["score"]
-    # test hook: fail every trial once, mid-run (markers in a folder every attempt can see)
-    fail_once = settings.get("_fail_once_after_epoch")
-    marker = Path(settings.get("_fail_marker_dir") or trial_dir) / f"{ctx.get_trial_id()}.failed_once"
 
     def report(record: dict[str, Any], save) -> None:
         metrics = dict(record, score=scalar_score(record, weights), **placed)
@@ -81,12 +71,7 @@ def sweep_trial(config: dict[str, Any], *, base: dict[str, Any], settings: dict[
         with tempfile.TemporaryDirectory() as tmp:
             save(Path(tmp) / "checkpoint.pt")
             tune.report(dict(metrics, span={"started_at": started_at}), checkpoint=tune.Checkpoint.from_directory(tmp))
-        if fail_once and record["epoch"] == fail_once and not marker.exists():
-            marker.touch()
-            raise RuntimeError("injected failure (test)")
 
-    if settings.get("_peers_dir"):  # test hook: hold until that many trials run side by side
-        wait_for_peers(settings["_peers_dir"], ctx.get_trial_id(), settings["_peers"])
     try:
         metrics = run_training(cfg, out, resume=resume, reporter=report, log=None, device=where["device"],
                                placement={k: where[k] for k in ("node_id", "gpu_ids", "cuda_visible_devices")})

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import ray
 import torch
+from trial_wrappers import held_until_peers
 
 from sweeps.placement import PlacementError, cuda_index, current_placement, trial_device
 from sweeps.run import build_tuner, check_resources, finish, prepare, trials_per_node
@@ -135,11 +136,11 @@ def gpu_cluster(tmp_path_factory):
 
 def run_held(spec, root, peers):
     """The sweep through sweeps.run, each trial held at its start until ``peers`` trials have
-    started (the trainable's test hook): trials released together ran side by side."""
+    started (tests/trial_wrappers.py): trials released together ran side by side."""
     state = prepare(spec, root / "runs")
-    state["settings"].update(_peers_dir=str(root / f"peers-{spec.name}"), _peers=peers)
     check_resources(state)
-    summary = finish(state, build_tuner(spec, state).fit())
+    summary = finish(state, build_tuner(spec, state, trial_fn=held_until_peers(root / f"peers-{spec.name}",
+                                                                              peers)).fit())
     assert summary["errors"] == 0 and len(summary["trials"]) == spec.num_samples
     trials = []
     for t in summary["trials"]:
@@ -223,7 +224,7 @@ def test_work_without_a_gpu_on_a_gpu_node_gets_no_gpu_and_the_cpu(gpu_cluster):
 
 @pytest.mark.slow
 def test_a_sweep_asking_more_than_any_node_has_is_refused_in_one_line(gpu_cluster, capsys):
-    from prunevision.cli import main
+    from prunevision_cli.main import main
 
     gpu_cluster.gpu_nodes(1)
     root = gpu_cluster.root

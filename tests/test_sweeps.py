@@ -15,6 +15,7 @@ import onnxruntime as ort
 import optuna
 import pytest
 import ray
+from trial_wrappers import failing_once_after
 
 from sweeps.run import build_tuner, prepare, run_sweep, sweep_status
 from sweeps.spec import parse_sweep
@@ -60,9 +61,8 @@ def study_states(summary):
 def test_sweep_records_every_trial_and_retries_from_checkpoint(local_ray):
     spec = make_spec("e2e", n=3, conc=2, mlflow={"experiment": "exp-e2e", "log_models": True})
     state = prepare(spec, local_ray / "runs")
-    state["settings"]["_fail_once_after_epoch"] = 1  # every trial fails once, after its first epoch
-    state["settings"]["_fail_marker_dir"] = str(local_ray)
-    summary = _fit(spec, state)
+    # every trial fails once, after its first epoch
+    summary = _fit(spec, state, trial_fn=failing_once_after(1, local_ray))
     study, states = study_states(summary)
     assert states == ["COMPLETE"] * 3
     assert len(study.best_trials) >= 1 and len(study.directions) == 3
@@ -122,10 +122,10 @@ def test_sweep_records_every_trial_and_retries_from_checkpoint(local_ray):
     assert len(digests) == 1  # the trials saw the same images: one dataset
 
 
-def _fit(spec, state):
+def _fit(spec, state, trial_fn=None):
     from sweeps.run import finish
 
-    results = build_tuner(spec, state).fit()
+    results = build_tuner(spec, state, trial_fn=trial_fn).fit()
     return finish(state, results)
 
 
@@ -380,7 +380,7 @@ def test_interrupted_sweep_resumes_to_exactly_n_trials(tmp_path):
     # the shipped smoke sweep through the CLI, as CI's smoke test, interrupted and resumed
     spec_file = ROOT / "sweeps" / "configs" / "smoke.yaml"
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    cmd = [sys.executable, "-m", "prunevision", "sweep", "run", str(spec_file), "--storage", str(tmp_path / "runs"),
+    cmd = [sys.executable, "-m", "prunevision_cli", "sweep", "run", str(spec_file), "--storage", str(tmp_path / "runs"),
            "--num-cpus", "1", "--smoke-test", "--set", "search.num_samples=3", "--set", "search.max_concurrent=1",
            "--set", "train.epochs=3"]
     err = open(tmp_path / "run.err", "w")
@@ -416,7 +416,7 @@ def test_interrupted_sweep_resumes_to_exactly_n_trials(tmp_path):
     for f in [sweep_dir / "tuner.pkl", *sweep_dir.glob("searcher-state-*.pkl")]:
         f.write_bytes(crafted)
 
-    r = subprocess.run([sys.executable, "-m", "prunevision", "sweep", "resume", str(sweep_dir), "--num-cpus", "1"],
+    r = subprocess.run([sys.executable, "-m", "prunevision_cli", "sweep", "resume", str(sweep_dir), "--num-cpus", "1"],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert not marker.exists()
