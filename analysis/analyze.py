@@ -40,6 +40,7 @@ from analysis.pareto import (
 from analysis.remeasure import remeasure
 from analysis.report import Report, plain
 from analysis.results import STUDY_FILE, SweepDataError, config_columns, load_sweep, read_state, status_counts
+from prunevision.fsutil import atomic_write
 
 DIAGNOSTICS = {
     "gate_histograms_over_training": "Gate values per layer over the chosen trial's training",
@@ -67,7 +68,8 @@ def analyze(sweep_dir: str | Path, out: str | Path | None = None, *, source: str
             target: str = "onnxruntime-cpu", batch: int = 1, threads: int = 1, runs: int = 50,
             log_to_mlflow: bool = True, int8: Mapping[str, Any] | None = None,
             log: Callable[[str], None] | None = print) -> dict[str, Any]:
-    """``int8``: add INT8 variants of the front (calibration_size, max_drop, method)."""
+    """The sweep's front, the chosen trial, tables, plots and the report in ``out`` (default
+    ``SWEEP_DIR/analysis``). ``int8``: add INT8 variants of the front (calibration_size, max_drop, method)."""
     sweep_dir = Path(sweep_dir).resolve()
     state = read_state(sweep_dir)
     sweep_objectives: dict[str, str] = dict(state["run"]["objectives"])  # what the search optimised
@@ -76,58 +78,21 @@ def analyze(sweep_dir: str | Path, out: str | Path | None = None, *, source: str
         from sweeps.tracking import check_reachable
 
         check_reachable(settings["tracking_uri"])
-    df = load_sweep(sweep_dir, source)
-    # what fronts and the choice use: val_accuracy in place of a test-accuracy objective when reported
-    objectives = selection_objectives(sweep_objectives, df)
-    acc_col = accuracy_column(df)
-    counts = status_counts(df)
-    done = df[df["status"] == "complete"] if len(df) else df
-    if done.empty:
-        raise SweepDataError(f"{sweep_dir}: no complete trial yet ({_counts_text(counts) or 'no trials'})")
-    missing = [k for k in objectives if k not in df.columns]
-    if missing:
-        raise SweepDataError(f"the trials report no {', '.join(missing)}: cannot build the front")
-    # bounds that re-measurement cannot change are checked before it runs
-    within_bounds(done.dropna(subset=list(objectives)),
-                  {k: v for k, v in selection_bounds(bounds, df).items() if k != "latency_ms"})
+    df, objectives = _complete_trials(sweep_dir, source, sweep_objectives, bounds)
     out = Path(out) if out else sweep_dir / "analysis"
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-
     remeasured = False
     if remeasure_latency and "latency_ms" in objectives and "output_dir" in df.columns:
-        kw = {"target": target, "batch": batch, "threads": threads, "runs": runs, "log": log}
-        df = remeasure(df, objectives, **kw)
-        for _ in range(3):  # new figures can move a trial that was not a candidate onto the front
-            ranked = rank_trials(df, objectives)
-            todo = ranked[(ranked["rank"] == 0) & ~ranked["latency_remeasured"].astype(bool)
-                          & ranked["output_dir"].notna()].index.tolist()
-            if not todo:
-                break
-            df = remeasure(df, objectives, rows=todo, **kw)
+        df = _remeasure_front(df, objectives, {"target": target, "batch": batch, "threads": threads, "runs": runs,
+                                               "log": log})
         remeasured = bool(df["latency_remeasured"].any())
     df = rank_trials(df, objectives)
     done = df[df["status"] == "complete"]
     front = done[done["rank"] == 0]
-    ref = default_reference(done, objectives)
-    pts, _ = to_minimisation(done, objectives)
-    hv = hypervolume(pts, ref) if len(objectives) <= 3 else float("nan")
-    hv_hist = (hypervolume_history(done, objectives, reference=ref, order="finished_at")
-               if len(objectives) <= 3 else pd.Series(dtype=float))
     chosen = choose(df, objectives, select, bounds)
-    lat_note = f" ({target} b{batch}, re-measured)" if remeasured else " (as measured in the trials)"
-
-    # tables and configs
+    reproduce = _copy_configs(pd.concat([front, chosen.to_frame().T]).drop_duplicates("trial_id"), out / "configs")
     df.to_csv(out / "trials.csv", index=False)
-    cfg_dir = out / "configs"
-    cfg_dir.mkdir(exist_ok=True)
-    reproduce = {}
-    for _, r in pd.concat([front, chosen.to_frame().T]).drop_duplicates("trial_id").iterrows():
-        src = Path(r["output_dir"]) / "config.yaml" if isinstance(r.get("output_dir"), str) else None
-        if src is not None and src.is_file():
-            shutil.copyfile(src, cfg_dir / f"{r['trial_id']}.yaml")
-            tid = str(r["trial_id"])
-            reproduce[tid] = f"prunevision train {cfg_dir / (tid + '.yaml')} --out runs/{tid}"
     front_csv = front.assign(reproduce=front["trial_id"].map(reproduce), precision="fp32")
     int8_rows, int8_info = pd.DataFrame(), None
     if int8 is not None:
@@ -136,41 +101,27 @@ def analyze(sweep_dir: str | Path, out: str | Path | None = None, *, source: str
         int8_rows, int8_info = int8_front(front, objectives, out / "int8", batch=batch, threads=threads, runs=runs,
                                           log=log, **int8)
         front_csv = _with_int8(front_csv, int8_rows, int8_info)
-    # the accuracy chosen on, then the test accuracy (the reported figure), first
-    lead = [c for c in SUMMARY_COLS[:3] + ["precision"] + SUMMARY_COLS[3:] if c in front_csv.columns]
-    front_csv = front_csv[lead + [c for c in front_csv.columns if c not in lead]]
-    front_csv.to_csv(out / "pareto.csv", index=False)
-
-    # plots
-    chosen_metrics = plots.read_metrics(chosen.get("output_dir"))
-    files = {
-        "front_2d": plots.front_2d(df, objectives, out / "front_2d.png", chosen, lat_note),
-        "front_3d": plots.front_3d(df, objectives, out / "front_3d.html", chosen, lat_note),
-        "parallel": plots.parallel_coordinates(df, objectives, out / "parallel_coordinates.png"),
-        "hypervolume": plots.hypervolume_history(hv_hist, ref, out / "hypervolume.png"),
-        "gates": plots.copy_trial_image(chosen.get("output_dir"), "gate_histogram.png",
-                                        out / "chosen_gate_histogram.png"),
-        "per_class": plots.per_class_accuracy(chosen_metrics, out / "chosen_per_class_accuracy.png"),
-        "leaderboard": plots.leaderboard(df, objectives, out / "leaderboard.png"),
-    }
+    _write_pareto(front_csv, out / "pareto.csv")
+    ref = default_reference(done, objectives)
+    hv_hist = (hypervolume_history(done, objectives, reference=ref, order="finished_at")
+               if len(objectives) <= 3 else pd.Series(dtype=float))
+    lat_note = f" ({target} b{batch}, re-measured)" if remeasured else " (as measured in the trials)"
+    files = _plots(df, objectives, chosen, hv_hist, ref, out, lat_note)
     if int8_info is not None:
         from analysis.int8 import int8_plot
 
-        files["int8_front"] = int8_plot(int8_rows, acc_col, out / "int8_front.png", int8_info["front_with_int8"])
-    for name in DIAGNOSTICS:  # the chosen trial's own diagnostics, when it wrote them
-        files[name] = plots.copy_trial_image(chosen.get("output_dir"), f"{name}.png", out / f"chosen_{name}.png")
-    imp_note = ""
-    study_db = sweep_dir / STUDY_FILE
-    if study_db.is_file():
-        files["importance"], imp_note = plots.importance(study_db, state["name"], sweep_objectives,
+        files["int8_front"] = int8_plot(int8_rows, accuracy_column(df), out / "int8_front.png",
+                                        int8_info["front_with_int8"])
+    imp_note = "no Optuna study in the sweep folder: no hyperparameter importance"
+    if (sweep_dir / STUDY_FILE).is_file():
+        files["importance"], imp_note = plots.importance(sweep_dir / STUDY_FILE, state["name"], sweep_objectives,
                                                          out / "importance.png")
-    else:
-        imp_note = "no Optuna study in the sweep folder: no hyperparameter importance"
-
+    pts, _ = to_minimisation(done, objectives)
     summary = {
         "sweep": state["name"], "sweep_dir": str(sweep_dir), "out": str(out), "source": source,
-        "objectives": objectives, "sweep_objectives": sweep_objectives, "selection_accuracy": acc_col,
-        "trials": counts, "front_size": int(len(front)), "hypervolume": hv,
+        "objectives": objectives, "sweep_objectives": sweep_objectives, "selection_accuracy": accuracy_column(df),
+        "trials": status_counts(df), "front_size": int(len(front)),
+        "hypervolume": hypervolume(pts, ref) if len(objectives) <= 3 else float("nan"),
         "reference_point": ref.tolist(), "latency_remeasured": remeasured,
         "latency_target": f"{target} batch {batch}, {threads} thread(s)" if remeasured else "trial measurements",
         "chosen": {"trial_id": chosen["trial_id"], "select": select, "bounds": {k: list(v) for k, v in
@@ -180,15 +131,84 @@ def analyze(sweep_dir: str | Path, out: str | Path | None = None, *, source: str
     }
     if int8_info is not None:
         summary["int8"] = int8_info
-    md, page = _write_report(out, state, df, front, chosen, chosen_metrics, summary, files, reproduce, imp_note,
-                             hv_hist, int8_rows)
+    md, page = _write_report(out, state, df, front, chosen, plots.read_metrics(chosen.get("output_dir")), summary,
+                             files, reproduce, imp_note, hv_hist, int8_rows)
     summary["files"].update({"report_md": str(md), "report_html": str(page), "pareto_csv": str(out / "pareto.csv"),
                              "trials_csv": str(out / "trials.csv")})
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    atomic_write(out / "summary.json", json.dumps(summary, indent=2, default=str))
     summary["elapsed_s"] = time.perf_counter() - t0
     if log_to_mlflow:
         _log_to_parent(settings, out, summary)
     return summary
+
+
+def _complete_trials(sweep_dir: Path, source: str, sweep_objectives: Mapping[str, str],
+                     bounds: Mapping[str, tuple[str, float]] | None) -> tuple[pd.DataFrame, dict[str, str]]:
+    """The sweep's trials and the objectives fronts and the choice use (val_accuracy in place of a
+    test-accuracy objective when reported); one-line errors when there is nothing to analyse."""
+    df = load_sweep(sweep_dir, source)
+    objectives = selection_objectives(sweep_objectives, df)
+    done = df[df["status"] == "complete"] if len(df) else df
+    if done.empty:
+        counts = status_counts(df)
+        raise SweepDataError(f"{sweep_dir}: no complete trial yet ({_counts_text(counts) or 'no trials'})")
+    missing = [k for k in objectives if k not in df.columns]
+    if missing:
+        raise SweepDataError(f"the trials report no {', '.join(missing)}: cannot build the front")
+    # bounds that re-measurement cannot change are checked before it runs
+    within_bounds(done.dropna(subset=list(objectives)),
+                  {k: v for k, v in selection_bounds(bounds, df).items() if k != "latency_ms"})
+    return df, objectives
+
+
+def _remeasure_front(df: pd.DataFrame, objectives: Mapping[str, str], kw: dict[str, Any]) -> pd.DataFrame:
+    """Re-measure the latency of the front's candidates, one at a time, until the front holds still."""
+    df = remeasure(df, objectives, **kw)
+    for _ in range(3):  # new figures can move a trial that was not a candidate onto the front
+        ranked = rank_trials(df, objectives)
+        todo = ranked[(ranked["rank"] == 0) & ~ranked["latency_remeasured"].astype(bool)
+                      & ranked["output_dir"].notna()].index.tolist()
+        if not todo:
+            break
+        df = remeasure(df, objectives, rows=todo, **kw)
+    return df
+
+
+def _copy_configs(rows: pd.DataFrame, cfg_dir: Path) -> dict[str, str]:
+    """Each row's config.yaml into ``cfg_dir``; trial id → the command that trains it again."""
+    cfg_dir.mkdir(exist_ok=True)
+    reproduce = {}
+    for _, r in rows.iterrows():
+        src = Path(r["output_dir"]) / "config.yaml" if isinstance(r.get("output_dir"), str) else None
+        if src is not None and src.is_file():
+            shutil.copyfile(src, cfg_dir / f"{r['trial_id']}.yaml")
+            tid = str(r["trial_id"])
+            reproduce[tid] = f"prunevision train {cfg_dir / (tid + '.yaml')} --out runs/{tid}"
+    return reproduce
+
+
+def _write_pareto(front_csv: pd.DataFrame, path: Path) -> None:
+    # the accuracy chosen on, then the test accuracy (the reported figure), first
+    lead = [c for c in SUMMARY_COLS[:3] + ["precision"] + SUMMARY_COLS[3:] if c in front_csv.columns]
+    front_csv[lead + [c for c in front_csv.columns if c not in lead]].to_csv(path, index=False)
+
+
+def _plots(df: pd.DataFrame, objectives: Mapping[str, str], chosen: pd.Series, hv_hist: pd.Series, ref: Any,
+           out: Path, lat_note: str) -> dict[str, Any]:
+    """The report's figures; name → file (None where there was nothing to draw)."""
+    trial_dir = chosen.get("output_dir")
+    files = {
+        "front_2d": plots.front_2d(df, objectives, out / "front_2d.png", chosen, lat_note),
+        "front_3d": plots.front_3d(df, objectives, out / "front_3d.html", chosen, lat_note),
+        "parallel": plots.parallel_coordinates(df, objectives, out / "parallel_coordinates.png"),
+        "hypervolume": plots.hypervolume_history(hv_hist, ref, out / "hypervolume.png"),
+        "gates": plots.copy_trial_image(trial_dir, "gate_histogram.png", out / "chosen_gate_histogram.png"),
+        "per_class": plots.per_class_accuracy(plots.read_metrics(trial_dir), out / "chosen_per_class_accuracy.png"),
+        "leaderboard": plots.leaderboard(df, objectives, out / "leaderboard.png"),
+    }
+    for name in DIAGNOSTICS:  # the chosen trial's own diagnostics, when it wrote them
+        files[name] = plots.copy_trial_image(trial_dir, f"{name}.png", out / f"chosen_{name}.png")
+    return files
 
 
 def _with_int8(front_csv: pd.DataFrame, int8_rows: pd.DataFrame, info: dict[str, Any]) -> pd.DataFrame:

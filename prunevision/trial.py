@@ -25,7 +25,7 @@ from prunevision.diagnostics import (
     plot_ratio_curve,
 )
 from prunevision.export import export_onnx
-from prunevision.fsutil import ensure_dir, save_figure
+from prunevision.fsutil import ensure_dir, save_figure, write_json
 from prunevision.gates import ChannelGate, gate_values, iter_gates
 from prunevision.measure import macs_and_params, onnx_latency, size_on_disk, torch_latency
 from prunevision.prune import (
@@ -111,8 +111,6 @@ def prune_at_ratios(model: nn.Module, data: Dataset, cfg: ExperimentConfig, out:
                     log: Callable[[str], None] | None) -> list[dict[str, Any]]:
     """Each of prune.ratios from a copy of the one trained model: its own pruned model, ONNX files
     and metrics in ``out/ratios/rNN/``; one summary row per ratio."""
-    from prunevision.pipeline import write_json  # pipeline imports this module
-
     rows = []
     for r in cfg.prune.ratios or ():
         sub = cfg.replace(**{"prune.target_sparsity": r, "prune.ratios": None})
@@ -130,168 +128,228 @@ def prune_at_ratios(model: nn.Module, data: Dataset, cfg: ExperimentConfig, out:
 
 def prune_and_measure(model: nn.Module, data: Dataset, cfg: ExperimentConfig, out: Path,
                       log: Callable[[str], None] | None = echo) -> dict[str, Any]:
+    """Prune the trained gated ``model`` (cfg.prune), fine-tune it, and measure it against the dense
+    network in the same run: accuracy, MACs, size, ONNX export and latency. Writes its files to ``out``."""
     ratio_rows = prune_at_ratios(model, data, cfg, out, log) if cfg.prune.ratios else None
-    p, m_cfg = cfg.prune, cfg.measure
-    size = data.image_size
     tm = {"prune_s": 0.0, "finetune_s": 0.0, "evaluate_s": 0.0, "measure_s": 0.0, "export_s": 0.0}
-    dev = data.train_x.device
-    test = DeviceLoader(data.test_x, data.test_y, cfg.data.eval_batch_size, data.mean, data.std, train=False)
-    # the validation split (None without one: val_accuracy is then the test accuracy)
-    val = DeviceLoader(data.val_x, data.val_y, cfg.data.eval_batch_size, data.mean, data.std,
-                       train=False) if data.has_val else None
+    ev = _Evaluator(data, cfg, tm)
     model = model.to(memory_format=torch.contiguous_format)
     write_gate_histogram(model, cfg.tau, out / "gate_histogram.png")
     g_sparsity = gate_sparsity(model, cfg.tau)
-
     dense = strip_gates(copy.deepcopy(model))  # the trained network, gates folded in, nothing removed
-    with _timed(tm, "evaluate_s"):
-        ev_dense = evaluate(dense, test, data.num_classes)
-        val_dense = evaluate(dense, val, data.num_classes)["accuracy"] if val is not None else ev_dense["accuracy"]
+    test_dense, val_dense = ev.both(dense)
+    run = _PruneRun(model, dense, data, cfg, ev, tm, log)
+    run.prune(out, test_dense["accuracy"])
+    acc_before_ft = ev.test(run.pruned)["accuracy"]
+    run.finetune_last()
+    test_p, val_acc = ev.both(run.pruned)
 
-    pruned = model
-    conv0 = first_conv(model)
-    w0 = conv0.weight.detach().clone() if conv0 is not None else None
-    name0 = next((n for n, m in model.named_modules() if m is conv0), None)
-    alive = list(range(w0.shape[0])) if w0 is not None else []  # original indices still there
-    steps_rec = []
-    if p.steps > 1:
-        steps_rec.append(_step_record(0, dense, ev_dense["accuracy"], None, size))
-    example = torch.zeros(1, 3, size, size, device=dev)
-    history: list[dict[str, Any]] = []
-    report = PruneReport(p.method)
-    if p.method != "gate":
-        strip_gates(pruned)
-    target = p.target_sparsity
-    if p.method != "gate" and target is None and cfg.gates.target_macs is not None:
-        with _timed(tm, "prune_s"):
-            target = ratio_for_budget(pruned, example, cfg, calibration_batches(data, cfg))
-        if log:
-            log(f"{p.method}: pruning ratio {target:.3f} meets the MACs budget {cfg.gates.target_macs:g}")
-    ratio = step_ratio(target, p.steps) if target is not None else 0.0
-    for step in range(p.steps):
-        if p.method == "gate" and step > 0 and p.finetune_epochs > 0:
-            with _timed(tm, "finetune_s"):
-                history += finetune(pruned, data, cfg, p.finetune_epochs, penalty=True, teacher=dense,
-                                    phase=f"gate-step{step + 1}", log=log)
-        with _timed(tm, "prune_s"):
-            rep = prune_step(pruned, example, p.method, threshold=cfg.tau, ratio=ratio, round_to=p.round_to,
-                             min_channels=p.min_channels, max_layer_sparsity=p.max_layer_sparsity,
-                             calibration=calibration_batches(data, cfg), skip_first=p.skip_first)
-        report.merge(rep)
-        gone = set(rep.removed_idxs.get(name0, []))
-        alive = [a for i, a in enumerate(alive) if i not in gone]
-        if p.steps > 1:
-            with _timed(tm, "evaluate_s"):
-                acc = evaluate(pruned, test, data.num_classes)["accuracy"]
-                steps_rec.append(_step_record(step + 1, pruned, acc, steps_rec[0]["params"], size))
-        if log:
-            log(f"prune step {step + 1}/{p.steps} ({p.method}): {rep.channels_removed} channels/weights removed")
-        if p.method != "gate" and step < p.steps - 1 and p.finetune_epochs > 0:
-            with _timed(tm, "finetune_s"):
-                history += finetune(pruned, data, cfg, p.finetune_epochs, penalty=False, teacher=dense,
-                                    phase=f"finetune-step{step + 1}", log=log)
-    if p.method == "gate":
-        with _timed(tm, "prune_s"):
-            strip_gates(pruned, cfg.tau)
-            keep_zeros(pruned)  # closed weight gates stay zero through fine-tuning
-    if w0 is not None:
-        kept = np.zeros(w0.shape[0], dtype=bool)
-        kept[alive] = True
-        plot_first_conv_filters(w0, kept, out / "first_conv_filters.png")
-    with _timed(tm, "evaluate_s"):
-        acc_before_ft = evaluate(pruned, test, data.num_classes)["accuracy"]
-    if p.finetune_epochs > 0:
-        with _timed(tm, "finetune_s"):
-            history += finetune(pruned, data, cfg, p.finetune_epochs, penalty=False, phase="finetune", log=log,
-                                teacher=dense)
-    remove_masks(pruned)
-    with _timed(tm, "evaluate_s"):
-        ev = evaluate(pruned, test, data.num_classes)
-        val_acc = evaluate(pruned, val, data.num_classes)["accuracy"] if val is not None else ev["accuracy"]
-
-    dense, pruned = dense.cpu().eval(), pruned.cpu().eval()
+    dense, pruned = dense.cpu().eval(), run.pruned.cpu().eval()
     with _timed(tm, "measure_s"):
-        macs_d, params_d = macs_and_params(dense, size)
-        macs_p, params_p = macs_and_params(pruned, size)
-        size_d, gz_d = size_on_disk(dense)
-        size_p, gz_p = size_on_disk(pruned)
-        save_pruned(pruned, out / "pruned.safetensors", cfg.model, data.num_classes, size,
-                    extra={"method": p.method, "mean": list(data.mean), "std": list(data.std),
-                           "classes": list(data.classes), "accuracy": ev["accuracy"], "val_accuracy": val_acc})
+        save_pruned(pruned, out / "pruned.safetensors", cfg.model, data.num_classes, data.image_size,
+                    extra={"method": cfg.prune.method, "mean": list(data.mean), "std": list(data.std),
+                           "classes": list(data.classes), "accuracy": test_p["accuracy"], "val_accuracy": val_acc})
         metrics: dict[str, Any] = {
-            "method": p.method,
-            "accuracy": ev["accuracy"],  # test split: reported, never chosen on
-            "accuracy_dense": ev_dense["accuracy"],
+            "method": cfg.prune.method,
+            "accuracy": test_p["accuracy"],  # test split: reported, never chosen on
+            "accuracy_dense": test_dense["accuracy"],
             "val_accuracy": val_acc,  # validation split (the test split when data.val_split is 0)
             "val_accuracy_dense": val_dense,
             "accuracy_before_finetune": acc_before_ft,
-            "per_class_accuracy": data.per_class(ev["per_class_accuracy"]),
-            "per_class_accuracy_dense": data.per_class(ev_dense["per_class_accuracy"]),
-            "params": params_p, "params_dense": params_d,
-            "macs": macs_p, "macs_dense": macs_d,
-            "param_sparsity": 1.0 - params_p / params_d,
-            "macs_reduction": macs_d / max(macs_p, 1),
-            "macs_share": macs_p / max(macs_d, 1),  # achieved budget
+            "per_class_accuracy": data.per_class(test_p["per_class_accuracy"]),
+            "per_class_accuracy_dense": data.per_class(test_dense["per_class_accuracy"]),
+            **_structure_metrics(dense, pruned, data.image_size),
             "target_macs": cfg.gates.target_macs,  # requested budget (None: λ mode or a baseline ratio)
             "gate_kind": cfg.gates.kind,
             "gate_sparsity": g_sparsity,
-            "zero_fraction": zero_fraction(pruned),
-            "size_bytes": size_p, "size_gzip_bytes": gz_p,
-            "size_bytes_dense": size_d, "size_gzip_bytes_dense": gz_d,
-            "channels_removed": report.removed,
-            "prune_history": history,
-            "input": {"size": size, "mean": list(data.mean), "std": list(data.std), "layout": "NCHW float32"},
+            "channels_removed": run.report.removed,
+            "prune_history": run.history,
+            "input": {"size": data.image_size, "mean": list(data.mean), "std": list(data.std),
+                      "layout": "NCHW float32"},
         }
         if getattr(pruned, "backbones_remaining", None) is not None:  # the hybrid: which backbones still run
             metrics["hybrid_backbones"] = list(pruned.backbones_remaining)
-    if m_cfg.export:
+    if cfg.measure.export:
         with _timed(tm, "export_s"):
-            # real test images, normalised by the same loader that feeds evaluation
-            real = [next(iter(DeviceLoader(data.test_x[:8].cpu(), data.test_y[:8].cpu(), 8, data.mean, data.std,
-                                           train=False)))[0]]
-            e_p = export_onnx(pruned, out / "model.onnx", size, check_inputs=real, exporter=m_cfg.exporter)
-            e_d = export_onnx(dense, out / "dense.onnx", size, check_inputs=real, exporter=m_cfg.exporter)
-            metrics["onnx_max_abs_diff"] = max(e_p["max_abs_diff"], e_d["max_abs_diff"])
-            metrics["onnx_size_bytes"] = e_p["size_bytes"]
-            metrics["onnx_size_bytes_dense"] = e_d["size_bytes"]
-    if m_cfg.latency:
+            metrics.update(_export_pair(dense, pruned, data, cfg, out))
+    if cfg.measure.latency:
         with _timed(tm, "measure_s"):
-            paths = {"dense": out / "dense.onnx", "pruned": out / "model.onnx"}
-            lat = {}
-            for b in sorted({1, m_cfg.batch}):
-                lat[f"onnxruntime_cpu_b{b}"] = onnx_latency(paths, size, batch=b, runs=m_cfg.runs, warmup=m_cfg.warmup,
-                                                            threads=m_cfg.threads)
-            if m_cfg.torch_latency:
-                tdev = dev if dev.type == "cuda" else torch.device("cpu")
-                for b in sorted({1, m_cfg.batch}):
-                    lat[f"torch_{tdev.type}_b{b}"] = torch_latency(
-                        {"dense": dense, "pruned": pruned}, size, tdev, batch=b, runs=m_cfg.runs, warmup=m_cfg.warmup,
-                        threads=m_cfg.threads)
-            b1 = lat["onnxruntime_cpu_b1"]
-            metrics.update({
-                "latency_ms": b1["pruned"]["median_ms"], "latency_ms_p90": b1["pruned"]["p90_ms"],
-                "latency_ms_dense": b1["dense"]["median_ms"], "latency_ms_dense_p90": b1["dense"]["p90_ms"],
-                "latency_speedup": b1["dense"]["median_ms"] / b1["pruned"]["median_ms"],
-                "latency": lat,
-            })
+            metrics.update(_latency_pair(dense, pruned, data, cfg, out))
     metrics["timings"] = tm
-    if steps_rec:
-        metrics["prune_steps"] = steps_rec
-        plot_prune_steps(steps_rec, out / "prune_steps.png")
+    if run.steps:
+        metrics["prune_steps"] = run.steps
+        plot_prune_steps(run.steps, out / "prune_steps.png")
     if ratio_rows is not None:
         metrics["ratio_curve"] = ratio_rows
-        plot_ratio_curve(ratio_rows + [{"ratio": p.target_sparsity, **{k: metrics.get(k) for k in (
-            "accuracy", "accuracy_before_finetune", "latency_speedup")}}], p.method, out / "ratio_curve.png")
+        plot_ratio_curve(ratio_rows + [{"ratio": cfg.prune.target_sparsity, **{k: metrics.get(k) for k in (
+            "accuracy", "accuracy_before_finetune", "latency_speedup")}}], cfg.prune.method, out / "ratio_curve.png")
     if log:
-        msg = (f"pruned ({p.method}): val accuracy {val_acc:.4f} (dense {val_dense:.4f}), test accuracy "
-               f"{ev['accuracy']:.4f} (dense {ev_dense['accuracy']:.4f}), "
-               f"params {params_p / 1e6:.3f} M of {params_d / 1e6:.3f} M, MACs {macs_p / 1e6:.1f} M of "
-               f"{macs_d / 1e6:.1f} M")
-        if "latency_speedup" in metrics:
-            msg += (f", ONNX Runtime CPU b1 {metrics['latency_ms']:.3f} ms vs {metrics['latency_ms_dense']:.3f} ms "
-                    f"({metrics['latency_speedup']:.2f}x)")
-        log(msg)
+        log(_summary_line(cfg.prune.method, metrics))
     return metrics
+
+
+class _Evaluator:
+    """Test (and validation) accuracy of a model, timed into ``timings["evaluate_s"]``."""
+
+    def __init__(self, data: Dataset, cfg: ExperimentConfig, timings: dict[str, float]) -> None:
+        bs = cfg.data.eval_batch_size
+        self.n_classes, self.timings = data.num_classes, timings
+        self.test_loader = DeviceLoader(data.test_x, data.test_y, bs, data.mean, data.std, train=False)
+        # the validation split (None without one: val_accuracy is then the test accuracy)
+        self.val_loader = DeviceLoader(data.val_x, data.val_y, bs, data.mean, data.std,
+                                       train=False) if data.has_val else None
+
+    def test(self, model: nn.Module) -> dict[str, Any]:
+        with _timed(self.timings, "evaluate_s"):
+            return evaluate(model, self.test_loader, self.n_classes)
+
+    def both(self, model: nn.Module) -> tuple[dict[str, Any], float]:
+        """The test evaluation and the validation accuracy."""
+        test = self.test(model)
+        if self.val_loader is None:
+            return test, test["accuracy"]
+        with _timed(self.timings, "evaluate_s"):
+            return test, evaluate(model, self.val_loader, self.n_classes)["accuracy"]
+
+
+class _PruneRun:
+    """One-shot or iterative pruning of a trained gated model (in place), with fine-tuning between
+    and after the steps; keeps the removal report, the fine-tuning history and per-step records."""
+
+    def __init__(self, model: nn.Module, dense: nn.Module, data: Dataset, cfg: ExperimentConfig,
+                 ev: _Evaluator, timings: dict[str, float], log: Callable[[str], None] | None) -> None:
+        self.pruned, self.dense, self.data, self.cfg, self.ev, self.tm, self.log = model, dense, data, cfg, ev, \
+            timings, log
+        self.report = PruneReport(cfg.prune.method)
+        self.history: list[dict[str, Any]] = []
+        self.steps: list[dict[str, Any]] = []
+        self.example = torch.zeros(1, 3, data.image_size, data.image_size, device=data.train_x.device)
+
+    def prune(self, out: Path, dense_accuracy: float) -> None:
+        p, cfg = self.cfg.prune, self.cfg
+        conv0 = first_conv(self.pruned)
+        w0 = conv0.weight.detach().clone() if conv0 is not None else None
+        name0 = next((n for n, m in self.pruned.named_modules() if m is conv0), None)
+        alive = list(range(w0.shape[0])) if w0 is not None else []  # original indices still there
+        if p.steps > 1:
+            self.steps.append(_step_record(0, self.dense, dense_accuracy, None, self.data.image_size))
+        if p.method != "gate":
+            strip_gates(self.pruned)
+        ratio = self._step_ratio()
+        for step in range(p.steps):
+            if p.method == "gate" and step > 0:
+                self._finetune(penalty=True, phase=f"gate-step{step + 1}")
+            with _timed(self.tm, "prune_s"):
+                rep = prune_step(self.pruned, self.example, p.method, threshold=cfg.tau, ratio=ratio,
+                                 round_to=p.round_to, min_channels=p.min_channels,
+                                 max_layer_sparsity=p.max_layer_sparsity,
+                                 calibration=calibration_batches(self.data, cfg), skip_first=p.skip_first)
+            self.report.merge(rep)
+            gone = set(rep.removed_idxs.get(name0, []))
+            alive = [a for i, a in enumerate(alive) if i not in gone]
+            if p.steps > 1:
+                acc = self.ev.test(self.pruned)["accuracy"]
+                self.steps.append(_step_record(step + 1, self.pruned, acc, self.steps[0]["params"],
+                                               self.data.image_size))
+            if self.log:
+                self.log(f"prune step {step + 1}/{p.steps} ({p.method}): {rep.channels_removed} channels/weights "
+                         "removed")
+            if p.method != "gate" and step < p.steps - 1:
+                self._finetune(penalty=False, phase=f"finetune-step{step + 1}")
+        if p.method == "gate":
+            with _timed(self.tm, "prune_s"):
+                strip_gates(self.pruned, cfg.tau)
+                keep_zeros(self.pruned)  # closed weight gates stay zero through fine-tuning
+        if w0 is not None:
+            kept = np.zeros(w0.shape[0], dtype=bool)
+            kept[alive] = True
+            plot_first_conv_filters(w0, kept, out / "first_conv_filters.png")
+
+    def finetune_last(self) -> None:
+        """Fine-tuning after the last step (without gates), then the pruning masks made permanent."""
+        self._finetune(penalty=False, phase="finetune")
+        remove_masks(self.pruned)
+
+    def _step_ratio(self) -> float:
+        """The share each step removes; baselines under a MACs budget find their ratio first."""
+        p, cfg = self.cfg.prune, self.cfg
+        target = p.target_sparsity
+        if p.method != "gate" and target is None and cfg.gates.target_macs is not None:
+            with _timed(self.tm, "prune_s"):
+                target = ratio_for_budget(self.pruned, self.example, cfg, calibration_batches(self.data, cfg))
+            if self.log:
+                self.log(f"{p.method}: pruning ratio {target:.3f} meets the MACs budget {cfg.gates.target_macs:g}")
+        return step_ratio(target, p.steps) if target is not None else 0.0
+
+    def _finetune(self, *, penalty: bool, phase: str) -> None:
+        if self.cfg.prune.finetune_epochs <= 0:
+            return
+        with _timed(self.tm, "finetune_s"):
+            self.history += finetune(self.pruned, self.data, self.cfg, self.cfg.prune.finetune_epochs,
+                                     penalty=penalty, phase=phase, log=self.log, teacher=self.dense)
+
+
+def _structure_metrics(dense: nn.Module, pruned: nn.Module, size: int) -> dict[str, Any]:
+    """MACs, parameters and on-disk size of the pruned network against the dense one."""
+    macs_d, params_d = macs_and_params(dense, size)
+    macs_p, params_p = macs_and_params(pruned, size)
+    size_d, gz_d = size_on_disk(dense)
+    size_p, gz_p = size_on_disk(pruned)
+    return {
+        "params": params_p, "params_dense": params_d,
+        "macs": macs_p, "macs_dense": macs_d,
+        "param_sparsity": 1.0 - params_p / params_d,
+        "macs_reduction": macs_d / max(macs_p, 1),
+        "macs_share": macs_p / max(macs_d, 1),  # achieved budget
+        "zero_fraction": zero_fraction(pruned),
+        "size_bytes": size_p, "size_gzip_bytes": gz_p,
+        "size_bytes_dense": size_d, "size_gzip_bytes_dense": gz_d,
+    }
+
+
+def _export_pair(dense: nn.Module, pruned: nn.Module, data: Dataset, cfg: ExperimentConfig,
+                 out: Path) -> dict[str, Any]:
+    """model.onnx and dense.onnx, each verified against PyTorch on real test images."""
+    # real test images, normalised by the same loader that feeds evaluation
+    real = [next(iter(DeviceLoader(data.test_x[:8].cpu(), data.test_y[:8].cpu(), 8, data.mean, data.std,
+                                   train=False)))[0]]
+    size, exporter = data.image_size, cfg.measure.exporter
+    e_p = export_onnx(pruned, out / "model.onnx", size, check_inputs=real, exporter=exporter)
+    e_d = export_onnx(dense, out / "dense.onnx", size, check_inputs=real, exporter=exporter)
+    return {"onnx_max_abs_diff": max(e_p["max_abs_diff"], e_d["max_abs_diff"]),
+            "onnx_size_bytes": e_p["size_bytes"], "onnx_size_bytes_dense": e_d["size_bytes"]}
+
+
+def _latency_pair(dense: nn.Module, pruned: nn.Module, data: Dataset, cfg: ExperimentConfig,
+                  out: Path) -> dict[str, Any]:
+    """Dense against pruned latency, interleaved in one run: ONNX Runtime CPU (and PyTorch eager)."""
+    m, size = cfg.measure, data.image_size
+    paths = {"dense": out / "dense.onnx", "pruned": out / "model.onnx"}
+    lat = {}
+    for b in sorted({1, m.batch}):
+        lat[f"onnxruntime_cpu_b{b}"] = onnx_latency(paths, size, batch=b, runs=m.runs, warmup=m.warmup,
+                                                    threads=m.threads)
+    if m.torch_latency:
+        dev = data.train_x.device
+        tdev = dev if dev.type == "cuda" else torch.device("cpu")
+        for b in sorted({1, m.batch}):
+            lat[f"torch_{tdev.type}_b{b}"] = torch_latency({"dense": dense, "pruned": pruned}, size, tdev, batch=b,
+                                                           runs=m.runs, warmup=m.warmup, threads=m.threads)
+    b1 = lat["onnxruntime_cpu_b1"]
+    return {"latency_ms": b1["pruned"]["median_ms"], "latency_ms_p90": b1["pruned"]["p90_ms"],
+            "latency_ms_dense": b1["dense"]["median_ms"], "latency_ms_dense_p90": b1["dense"]["p90_ms"],
+            "latency_speedup": b1["dense"]["median_ms"] / b1["pruned"]["median_ms"], "latency": lat}
+
+
+def _summary_line(method: str, m: dict[str, Any]) -> str:
+    msg = (f"pruned ({method}): val accuracy {m['val_accuracy']:.4f} (dense {m['val_accuracy_dense']:.4f}), "
+           f"test accuracy {m['accuracy']:.4f} (dense {m['accuracy_dense']:.4f}), "
+           f"params {m['params'] / 1e6:.3f} M of {m['params_dense'] / 1e6:.3f} M, MACs {m['macs'] / 1e6:.1f} M of "
+           f"{m['macs_dense'] / 1e6:.1f} M")
+    if "latency_speedup" in m:
+        msg += (f", ONNX Runtime CPU b1 {m['latency_ms']:.3f} ms vs {m['latency_ms_dense']:.3f} ms "
+                f"({m['latency_speedup']:.2f}x)")
+    return msg
 
 
 def _step_record(step: int, model: nn.Module, accuracy: float, params_dense: int | None, size: int) -> dict:
