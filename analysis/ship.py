@@ -152,10 +152,16 @@ def export_chosen(sweep_dir: str | Path, out: str | Path, *, select: str = "knee
         from analysis.int8 import export_int8
 
         export_int8(out, card, card_path, cfg, size, registered=register, log=log, **int8)
+    else:  # an INT8 file left by an earlier `export --int8` to the same place is not this model's
+        from prunevision.quantize import int8_path
+
+        int8_path(out).unlink(missing_ok=True)
     if register:
         card["source"]["mlflow_run_id"] = _trial_run_id(settings, tid)
         card["registry"] = _register(out, card, settings, size)
-    card_path.write_text(json.dumps(card, indent=2, default=str))
+    from prunevision.fsutil import atomic_write
+
+    atomic_write(card_path, json.dumps(card, indent=2, default=str))
     card["card"] = str(card_path)
     return card
 
@@ -225,7 +231,9 @@ def export_checkpoint_int8(checkpoint: str | Path, out: str | Path, check: dict[
     report = export_int8(out, card, card_path, cfg, size, registered=False, log=log, **int8)
     for k in ("mean", "std"):  # a training checkpoint: normalised as its dataset is
         card["input"][k] = card["input"][k] or report["calibration"]["normalisation"][k]
-    card_path.write_text(json.dumps(card, indent=2, default=str))
+    from prunevision.fsutil import atomic_write
+
+    atomic_write(card_path, json.dumps(card, indent=2, default=str))
     card["card"] = str(card_path)
     return card
 
@@ -258,8 +266,9 @@ def _register(onnx_path: Path, card: dict, settings: dict, size: int) -> dict[st
 
     name = card["name"]
     q = card.get("int8") if (card.get("int8") or {}).get("shipped") else None
+    from sweeps.tracking import use_tracking_uri
+
     c = MlflowClient(settings["tracking_uri"])
-    mlflow.set_tracking_uri(settings["tracking_uri"])
     x = np.zeros((1, 3, size, size), dtype=np.float32)
     n_classes = len(card["output"]["classes"] or []) or 1
     sig = infer_signature(x, np.zeros((1, n_classes), dtype=np.float32))
@@ -269,7 +278,8 @@ def _register(onnx_path: Path, card: dict, settings: dict, size: int) -> dict[st
         **({"prunevision.int8": "forced" if q["forced"] else "verified"} if q else {})})
     made: list[tuple[str, str]] = []
     try:
-        with mlflow.start_run(run_id=run.info.run_id):
+        # the process-wide tracking URI is restored afterwards: a library call must not leave it changed
+        with use_tracking_uri(settings["tracking_uri"]), mlflow.start_run(run_id=run.info.run_id):
             info = mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="model", registered_model_name=name,
                                          signature=sig)
             made.append((name, str(info.registered_model_version)))

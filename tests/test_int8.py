@@ -14,8 +14,8 @@ import pytest
 import torch
 from onnx import TensorProto
 
-from prunevision.cli import main
 from prunevision.quantize import QuantizeError, calibration_images, int8_path, int8_structure
+from prunevision_cli.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
@@ -279,6 +279,9 @@ def test_sweep_export_int8_registers_its_own_model(smoke_sweep, tracking, tmp_pa
 
     direct = ort.InferenceSession(str(int8_path(out)), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
     np.testing.assert_allclose(np.asarray(pred["logits"] if isinstance(pred, dict) else pred), direct, atol=1e-6)
+    # a plain export to the same place: the INT8 file of the export before is not this model's
+    assert main(["export", str(smoke_sweep), "--out", str(out), "--exporter", "torchscript", "--no-register"]) == 0
+    assert not int8_path(out).exists() and "int8" not in json.loads((tmp_path / "model.json").read_text())
 
 
 @pytest.mark.slow
