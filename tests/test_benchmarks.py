@@ -3,9 +3,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_prune_latency_benchmark_smoke(tmp_path):
     out = tmp_path / "bench.json"
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "prune_latency.py"), "--smoke-test",
@@ -27,6 +30,7 @@ def _run(args, tmp_path, timeout=600):
     return r.stdout
 
 
+@pytest.mark.slow
 def test_trial_time_benchmark_smoke(tmp_path):
     out = tmp_path / "t.json"
     md = tmp_path / "RESULTS.md"
@@ -40,6 +44,7 @@ def test_trial_time_benchmark_smoke(tmp_path):
     assert "whole trial" in printed and not md.exists()  # smoke runs append nothing
 
 
+@pytest.mark.slow
 def test_search_efficiency_benchmark_smoke(tmp_path):
     out = tmp_path / "s.json"
     _run([str(ROOT / "benchmarks" / "search_efficiency.py"), "--smoke-test", "--samplers", "tpe,random",
@@ -52,6 +57,7 @@ def test_search_efficiency_benchmark_smoke(tmp_path):
         assert all(0 <= t["values"][0] <= 1 and 0 < t["values"][2] <= 1 for t in r["trials"])
 
 
+@pytest.mark.slow
 def test_budget_control_benchmark_smoke(tmp_path):
     out = tmp_path / "b.json"
     md = tmp_path / "RESULTS.md"
@@ -64,6 +70,7 @@ def test_budget_control_benchmark_smoke(tmp_path):
     assert not md.exists()
 
 
+@pytest.mark.slow
 def test_int8_benchmark_smoke(tmp_path):
     out = tmp_path / "int8.json"
     md = tmp_path / "RESULTS.md"
@@ -97,6 +104,7 @@ runpy.run_path(sys.argv[0], run_name='__main__')
 """
 
 
+@pytest.mark.slow
 def test_gpu_trial_benchmark_smoke_runs_without_ray_or_mlflow(tmp_path):
     out = tmp_path / "g.json"
     md = tmp_path / "RESULTS.md"

@@ -25,6 +25,7 @@ SMOKE = {"data": {"name": "synthetic", "num_classes": 5, "synthetic_train": 160,
          "measure": {"exporter": "torchscript", "torch_latency": False, "warmup": 1, "batch": 2}}
 
 
+@pytest.mark.slow
 def test_class_subset_renumbers_and_the_head_outputs_only_those_classes(tmp_path):
     # no validation split: the selected training images are exactly the full set's of those classes
     full = load_dataset(DataConfig(name="synthetic", num_classes=5, synthetic_train=100, synthetic_test=50,
@@ -52,6 +53,7 @@ def test_class_subset_renumbers_and_the_head_outputs_only_those_classes(tmp_path
     assert load_pruned(tmp_path / "full" / "pruned.safetensors")(torch.zeros(1, 3, 16, 16)).shape == (1, 5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["ocap", "lrp"])
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
 def test_class_aware_scores_prune_for_real(method, name, tmp_path):
@@ -106,6 +108,7 @@ def test_skip_first_keeps_the_first_conv_whole():
     assert first_convs(model, 1)[0].out_channels < width
 
 
+@pytest.mark.slow
 def test_several_ratios_from_one_training_and_the_diagnostics(tmp_path):
     cfg = from_dict(SMOKE, {"prune.method": "ocap", "prune.target_sparsity": 0.5, "prune.ratios": [0.25, 0.75],
                             "prune.steps": 2, "data.classes": ["class_1", "class_2", "class_3"]})
@@ -127,6 +130,7 @@ def test_several_ratios_from_one_training_and_the_diagnostics(tmp_path):
     assert len(hist["epochs"]) == 1 and all(sum(c) > 0 for c in hist["epochs"][0].values())
 
 
+@pytest.mark.slow
 def test_gate_iterative_run_writes_step_metrics_and_filter_grid(tmp_path):
     cfg = from_dict(SMOKE, {"prune.steps": 2, "gates.lr": 2.0, "gates.lam": 5.0, "train.epochs": 2})
     m = run_training(cfg, tmp_path, log=None)
@@ -187,6 +191,7 @@ def test_gtsrb_through_torchvision_layout(tmp_path):
         load_dataset(DataConfig(name="gtsrb", root=str(tmp_path / "nothing"), download=False))
 
 
+@pytest.mark.slow
 def test_large_imagefolder_images_stream_through_a_dataloader(tmp_path):
     from conftest import write_imagefolder
 

@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from conftest import write_cifar_batches
@@ -18,6 +19,7 @@ METRIC_KEYS = ("accuracy", "accuracy_dense", "val_accuracy", "val_accuracy_dense
                "latency_speedup", "onnx_max_abs_diff", "method", "history", "mean_gate", "gates", "config")
 
 
+@pytest.mark.slow
 def test_smoke_test_writes_results(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "--smoke-test", "--out", str(out), "--set", "gates.lam=0.5"]) == 0  # default exporter
@@ -48,6 +50,7 @@ def test_resume_from_cli_extends_training(tmp_path):
     assert [r["epoch"] for r in m["history"]] == [1, 2]
 
 
+@pytest.mark.slow
 def test_prune_and_export_commands(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "--smoke-test", "--out", str(out), "--set", "model.name=resnet18",
@@ -66,6 +69,7 @@ def test_prune_and_export_commands(tmp_path, capsys):
     assert "only prune.*" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_smoke_test_on_user_data_uses_a_subset(tmp_path):
     write_cifar_batches(tmp_path / "cifar", n_per_batch=40, n_test=80)
     out = tmp_path / "run"
@@ -91,6 +95,7 @@ def test_missing_dataset_and_corrupt_checkpoint_exit_nonzero(tmp_path, capsys):
     assert rc == 2 and "cannot read checkpoint" in err
 
 
+@pytest.mark.slow
 def test_console_script_smoke_test_on_a_torchvision_model(tmp_path):
     exe = shutil.which("prunevision", path=str(Path(sys.executable).parent))
     assert exe, "the prunevision console script is installed with the package"

@@ -59,6 +59,7 @@ def assert_same(ref, out):
 
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "mobilenet_v3_small", "torchvision:mnasnet0_5",
                                   "hybrid"])
+@pytest.mark.slow
 def test_removal_is_exact_with_trained_norm_statistics(name):
     model, _ = gated(name)
     randomise_norms(model)
@@ -131,6 +132,7 @@ def _close_all(*gates):
             g.score.fill_(CLOSED)
 
 
+@pytest.mark.slow
 def test_hybrid_drops_a_backbone_whose_gates_are_closed(tmp_path):
     model, cfg = gated("hybrid")
     _calibrate(model)
@@ -164,6 +166,7 @@ def test_hybrid_drops_a_backbone_whose_gates_are_closed(tmp_path):
         assert torch.equal(again(x), out)
 
 
+@pytest.mark.slow
 def test_hybrid_keeps_backbones_that_still_run():
     model, _ = gated("hybrid", backbones=("resnet18", "mobilenet_v3_small"))
     _calibrate(model)

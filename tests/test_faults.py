@@ -90,6 +90,7 @@ def test_config_yaml_is_written_only_once_the_run_is_valid(tmp_path):
     assert not (tmp_path / "out").exists() and calls == []
 
 
+@pytest.mark.slow
 def test_two_runs_into_one_folder(tmp_path, capsys):
     out = tmp_path / "run"
     with locked_folder(out):  # another run holds the folder
@@ -334,6 +335,7 @@ def _rewrite_batch(d: Path, name: str, change: dict):
         pickle.dump(batch, f)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("labels", [[10], [-1], [3, 250]])
 def test_cifar_batch_with_a_label_out_of_range(tmp_path, capsys, labels):
     d = write_cifar_batches(tmp_path / "cifar", n_per_batch=4, n_test=4)
@@ -402,6 +404,7 @@ def test_an_empty_class_folder_is_named(tmp_path, capsys):
     one_line_error(capsys, rc, "zebra")
 
 
+@pytest.mark.slow
 def test_unreadable_configs(tmp_path, capsys):
     latin = tmp_path / "latin1.yaml"
     latin.write_bytes("train:\n  epochs: 2 # café\n".encode("latin-1"))

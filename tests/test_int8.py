@@ -89,6 +89,7 @@ def _one_line(err: str) -> str:
     return err
 
 
+@pytest.mark.slow
 def test_int8_export_quantizes_and_verifies_on_real_cifar10(cifar_model, tmp_path, capsys):
     import onnxruntime as ort
 
@@ -148,6 +149,7 @@ def test_int8_export_quantizes_and_verifies_on_real_cifar10(cifar_model, tmp_pat
     assert not list(out.parent.glob(".model.int8.onnx*"))  # no temporary left behind
 
 
+@pytest.mark.slow
 def test_int8_refused_over_the_limit_leaves_fp32_and_no_int8(cifar_model, tmp_path, capsys, monkeypatch):
     import analysis.int8
 
@@ -173,6 +175,7 @@ def test_int8_refused_over_the_limit_leaves_fp32_and_no_int8(cifar_model, tmp_pa
     assert q["shipped"] and q["forced"] and not q["passed"] and int8_path(out).is_file()
 
 
+@pytest.mark.slow
 def test_calibration_and_verification_failures(cifar_model, tmp_path, capsys, monkeypatch):
     import analysis.int8
 

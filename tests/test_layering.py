@@ -10,6 +10,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = ("prunevision", "sweeps", "analysis", "prunevision_cli")  # lowest first
 
@@ -123,6 +125,7 @@ def test_the_checks_find_what_they_look_for(tmp_path):
     assert sorted(cycles(graph)) == [["analysis.results", "prunevision_cli.main"], ["prunevision.a", "prunevision.b"]]
 
 
+@pytest.mark.slow
 def test_the_library_never_imports_ray():
     code = (
         "import sys, pkgutil, importlib, prunevision\n"

@@ -42,6 +42,7 @@ def prune(model, threshold=0.5, **kw):
     return strip_gates(model, threshold)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list_models() + ["torchvision:regnet_x_400mf", "torchvision:mnasnet0_5"])
 def test_contract_close_half_prune_export_reload(name, tmp_path):
     model, cfg = gated(name)
@@ -109,6 +110,7 @@ def _closed(name, share=0.6):
     return model
 
 
+@pytest.mark.slow
 def test_hybrid_fusion_concat_coupling():
     m = prune(_closed("hybrid"))
     with torch.no_grad():
@@ -168,6 +170,7 @@ def test_step_ratio_arithmetic():
         step_ratio(1.0, 2)
 
 
+@pytest.mark.slow
 def test_masked_baselines_keep_shapes_and_sizes():
     model, _ = gated("resnet18")
     dense = strip_gates(model)
@@ -226,6 +229,7 @@ def test_failed_export_leaves_no_file(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_dynamo_export_with_dynamic_batch(tmp_path):
     import onnxruntime as ort
 
