@@ -16,6 +16,21 @@ def test_cluster_yaml_validates_with_rays_schema():
     assert any("requirements.txt" in c for c in cfg["setup_commands"])
 
 
+def test_the_cluster_starts_ray_as_the_job_recipe_needs():
+    """What README's cluster recipe relies on: Ray's job server and client installed, Ray started
+    from the venv (jobs find `prunevision`), token auth with the launching machine's token, and
+    the tracking server in the environment jobs and trials inherit."""
+    cfg = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    reqs = (ROOT / "requirements.txt").read_text()
+    ray_line = next(line for line in reqs.splitlines() if line.startswith("ray["))
+    assert {"default", "tune", "client"} <= set(ray_line[4:ray_line.index("]")].split(","))
+    assert cfg["file_mounts"]["/home/ubuntu/.ray/auth_token"] == "~/.ray/auth_token"
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        [start] = [c for c in cfg[key] if "ray start" in c]
+        assert "PATH=/home/ubuntu/prunevision/.venv/bin:$PATH" in start and "RAY_AUTH_MODE=token" in start
+        assert "MLFLOW_TRACKING_URI=http://" in start
+
+
 def test_a_broken_cluster_yaml_is_rejected():
     cfg = yaml.safe_load((ROOT / "cluster.yaml").read_text())
     cfg["max_workerz"] = 3
