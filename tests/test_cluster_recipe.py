@@ -18,7 +18,8 @@ import pytest
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
-PORTS = (6390, 8265, 10001, 5055, 52400, 52401, 52402, 52403)
+PORTS = (6390, 8265, 10001, 5055, 52365, 52400, 52401, 52402, 52403)
+COMMIT = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
 
 def readme_block() -> str:
@@ -38,28 +39,104 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
+def ours(marker: str) -> list:
+    """The processes the recipe started, found while the nodes still run: those that name the
+    temporary folder on their command line or in their environment (PATH holds its bin/), with all
+    their children (Ray's agents and workers rename themselves). `ray stop` would end every Ray on
+    the machine, other people's too."""
+    import psutil
+
+    found = {}
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if any(marker in a for a in (p.info["cmdline"] or [])) or any(marker in v for v in p.environ().values()):
+                found[p.pid] = p
+                found.update({c.pid: c for c in p.children(recursive=True)})
+        except psutil.Error:
+            pass
+    found.pop(os.getpid(), None)
+    return list(found.values())
+
+
+def stop(marker: str) -> None:
+    import psutil
+
+    for _ in range(3):  # a raylet may start a worker while the others go
+        procs = ours(marker)
+        if not procs:
+            return
+        for p in procs:
+            try:
+                p.terminate()
+            except psutil.Error:
+                pass
+        _, alive = psutil.wait_procs(procs, timeout=10)
+        for p in alive:  # Ray's agents ignore SIGTERM
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(alive, timeout=10)
+
+
+def ray_logs(out: Path) -> str:
+    """The end of the agents' and job server's logs, for a failure message."""
+    tails = []
+    for name in ("dashboard_agent.log", "dashboard_agent.err", "dashboard.log", "raylet.err"):
+        for f in sorted(out.glob(f"*/session_latest/logs/{name}")):
+            tails.append(f"== {f.relative_to(out)}\n" + "\n".join(f.read_text(errors="replace").splitlines()[-15:]))
+    return "\n".join(tails)
+
+
+def discard(out: Path) -> None:
+    stop(str(out))
+    shutil.rmtree(out, ignore_errors=True)
+
+
 @pytest.fixture
 def recipe():
-    # a short path: Ray's unix sockets live under OUT, and a socket path may not exceed 107 bytes
-    tmp_path = Path(tempfile.mkdtemp(prefix="pvc-", dir="/tmp"))
-    script = readme_block().replace("OUT=/tmp/pv-cluster", f"OUT={tmp_path}")
-    mapping = dict(zip(PORTS, free_ports(len(PORTS))))
-    for old, new in mapping.items():
-        script = re.sub(rf"(?<=[:= ]){old}\b", str(new), script)
-    assert str(tmp_path) in script and not any(re.search(rf"[:= ]{p}\b", script) for p in PORTS)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
-    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
-    yield script, env, tmp_path, mapping[5055]
-    subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
-    subprocess.run(["pkill", "-f", f"mlflow server --host 127.0.0.1 --port {mapping[5055]}"], capture_output=True)
-    shutil.rmtree(tmp_path, ignore_errors=True)
+    """A function that prepares one run of the README block: its own OUT and free ports."""
+    made: list[Path] = []
+
+    def prepare() -> tuple[str, dict, Path, dict]:
+        # a short path: Ray's unix sockets live under OUT, and a socket path may not exceed 107 bytes
+        tmp_path = Path(tempfile.mkdtemp(prefix="pvc-", dir="/tmp"))
+        made.append(tmp_path)
+        script = readme_block().replace("OUT=/tmp/pv-cluster", f"OUT={tmp_path}")
+        mapping = dict(zip(PORTS, free_ports(len(PORTS))))
+        for old, new in mapping.items():
+            script = re.sub(rf"(?<=[:= ]){old}\b", str(new), script)
+        assert str(tmp_path) in script and not any(re.search(rf"[:= ]{p}\b", script) for p in PORTS)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
+        env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
+        return script, env, tmp_path, mapping
+
+    try:
+        yield prepare
+    finally:
+        for d in made:
+            discard(d)
+
+
+def run_block(prepare) -> tuple[subprocess.CompletedProcess, dict, Path, dict]:
+    script, env, out, ports = prepare()
+    r = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=600)
+    return r, env, out, ports
 
 
 def test_the_readme_cluster_recipe_runs_as_written(recipe):
-    script, env, out, mlflow_port = recipe
-    r = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=900)
-    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    r, env, out, ports = run_block(recipe)
+    if r.returncode != 0 and "psutil.ZombieProcess" in r.stderr:
+        # seen once in about six runs here: a command of the block ended in psutil.ZombieProcess, a
+        # process that had just exited (no module of ours uses psutil; Ray scans processes): the whole
+        # block once more, from scratch
+        discard(out)
+        r, env, out, ports = run_block(recipe)
+    mlflow_port = ports[5055]
+    if r.returncode != 0:  # the whole story: pytest would shorten an assertion message
+        pytest.fail(f"exit {r.returncode}\n--- stdout\n{r.stdout[-3000:]}\n--- stderr\n{r.stderr[-6000:]}\n"
+                    f"{ray_logs(out)}", pytrace=False)
     assert "succeeded" in r.stdout + r.stderr
     for name in ("smoke", "smoke-client"):
         folder = out / "runs" / name
@@ -79,6 +156,24 @@ def test_the_readme_cluster_recipe_runs_as_written(recipe):
     kids = [x for x in runs if "mlflow.parentRunId" in x.data.tags]
     assert sorted(p.info.run_name for p in parents) == ["smoke", "smoke-client"]
     assert len(kids) == 8 and all(k.info.status == "FINISHED" for k in kids)
-    job_parent = next(p for p in parents if p.info.run_name == "smoke")
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    assert job_parent.data.tags.get("git_commit") == commit  # PRUNEVISION_GIT_COMMIT reached the job
+    # the job's copy of the project has no .git: its commit comes from the README's PRUNEVISION_GIT_COMMIT;
+    # the Ray Client driver runs here and asks git itself
+    assert len(COMMIT) == 40
+    for p in parents:
+        assert p.data.tags.get("git_commit") == COMMIT, p.info.run_name
+    import psutil
+
+    # the job server and the tracking server listen on 127.0.0.1 only, as the README says
+    pids = {p.pid for p in ours(str(out))}
+    listening = [(c.laddr.ip, c.laddr.port) for c in psutil.net_connections(kind="inet")
+                 if c.status == psutil.CONN_LISTEN and c.pid in pids]
+    for port in (ports[8265], mlflow_port):
+        ips = {ip.removeprefix("::ffff:") for ip, p in listening if p == port}
+        assert ips == {"127.0.0.1"}, (port, sorted(listening))
+    # token auth: the job server answers a client with RAY_AUTH_MODE=token and refuses one without
+    jobs = ["ray", "job", "list", "--address", f"http://127.0.0.1:{ports[8265]}"]
+    with_token = subprocess.run(jobs, env=dict(env, RAY_AUTH_MODE="token"), capture_output=True, text=True, timeout=120)
+    assert with_token.returncode == 0, with_token.stderr[-2000:]
+    without = subprocess.run(jobs, env=env, capture_output=True, text=True, timeout=120)
+    assert without.returncode != 0, without.stdout[-2000:]
+    assert "Authentication required" in without.stdout + without.stderr, without.stderr[-2000:]

@@ -25,6 +25,11 @@ def test_the_cluster_starts_ray_as_the_job_recipe_needs():
     ray_line = next(line for line in reqs.splitlines() if line.startswith("ray["))
     assert {"default", "tune", "client"} <= set(ray_line[4:ray_line.index("]")].split(","))
     assert cfg["file_mounts"]["/home/ubuntu/.ray/auth_token"] == "~/.ray/auth_token"
+    # `prunevision` (the project's console script) lands in the venv whose bin/ Ray starts with
+    assert any(".venv/bin/uv pip install" in c and "-r requirements.txt -e ." in c for c in cfg["setup_commands"])
+    server = next(c for c in cfg["head_setup_commands"] if "mlflow server" in c)
+    if "s3://" in server:  # an S3 artifact store needs boto3 next to the server
+        assert any("boto3" in c for c in cfg["head_setup_commands"])
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
         [start] = [c for c in cfg[key] if "ray start" in c]
         assert "PATH=/home/ubuntu/prunevision/.venv/bin:$PATH" in start and "RAY_AUTH_MODE=token" in start
