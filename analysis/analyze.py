@@ -106,7 +106,8 @@ def analyze(sweep_dir: str | Path, out: str | Path | None = None, *, source: str
     hv_hist = (hypervolume_history(done, objectives, reference=ref, order="finished_at")
                if len(objectives) <= 3 else pd.Series(dtype=float))
     lat_note = f" ({target} b{batch}, re-measured)" if remeasured else " (as measured in the trials)"
-    files = _plots(df, objectives, chosen, hv_hist, ref, out, lat_note)
+    chosen_metrics = plots.read_metrics(chosen.get("output_dir"))
+    files = _plots(df, objectives, chosen, chosen_metrics, hv_hist, ref, out, lat_note)
     if int8_info is not None:
         from analysis.int8 import int8_plot
 
@@ -131,8 +132,8 @@ def analyze(sweep_dir: str | Path, out: str | Path | None = None, *, source: str
     }
     if int8_info is not None:
         summary["int8"] = int8_info
-    md, page = _write_report(out, state, df, front, chosen, plots.read_metrics(chosen.get("output_dir")), summary,
-                             files, reproduce, imp_note, hv_hist, int8_rows)
+    md, page = _write_report(out, state, df, front, chosen, chosen_metrics, summary, files, reproduce, imp_note,
+                             hv_hist, int8_rows)
     summary["files"].update({"report_md": str(md), "report_html": str(page), "pareto_csv": str(out / "pareto.csv"),
                              "trials_csv": str(out / "trials.csv")})
     atomic_write(out / "summary.json", json.dumps(summary, indent=2, default=str))
@@ -193,8 +194,8 @@ def _write_pareto(front_csv: pd.DataFrame, path: Path) -> None:
     front_csv[lead + [c for c in front_csv.columns if c not in lead]].to_csv(path, index=False)
 
 
-def _plots(df: pd.DataFrame, objectives: Mapping[str, str], chosen: pd.Series, hv_hist: pd.Series, ref: Any,
-           out: Path, lat_note: str) -> dict[str, Any]:
+def _plots(df: pd.DataFrame, objectives: Mapping[str, str], chosen: pd.Series, chosen_metrics: dict,
+           hv_hist: pd.Series, ref: Any, out: Path, lat_note: str) -> dict[str, Any]:
     """The report's figures; name → file (None where there was nothing to draw)."""
     trial_dir = chosen.get("output_dir")
     files = {
@@ -203,7 +204,7 @@ def _plots(df: pd.DataFrame, objectives: Mapping[str, str], chosen: pd.Series, h
         "parallel": plots.parallel_coordinates(df, objectives, out / "parallel_coordinates.png"),
         "hypervolume": plots.hypervolume_history(hv_hist, ref, out / "hypervolume.png"),
         "gates": plots.copy_trial_image(trial_dir, "gate_histogram.png", out / "chosen_gate_histogram.png"),
-        "per_class": plots.per_class_accuracy(plots.read_metrics(trial_dir), out / "chosen_per_class_accuracy.png"),
+        "per_class": plots.per_class_accuracy(chosen_metrics, out / "chosen_per_class_accuracy.png"),
         "leaderboard": plots.leaderboard(df, objectives, out / "leaderboard.png"),
     }
     for name in DIAGNOSTICS:  # the chosen trial's own diagnostics, when it wrote them

@@ -26,6 +26,7 @@ import pandas as pd
 from analysis.choose import accuracy_column, choose, selection_objectives
 from analysis.report import config_of
 from analysis.results import SweepDataError, load_sweep, read_state
+from prunevision.fsutil import atomic_write
 from prunevision.quantize import sha256_of
 
 CHAMPION = "champion"
@@ -159,8 +160,11 @@ def export_chosen(sweep_dir: str | Path, out: str | Path, *, select: str = "knee
     if register:
         card["source"]["mlflow_run_id"] = _trial_run_id(settings, tid)
         card["registry"] = _register(out, card, settings, size)
-    from prunevision.fsutil import atomic_write
+    return _write_card(card, card_path)
 
+
+def _write_card(card: dict[str, Any], card_path: Path) -> dict[str, Any]:
+    """The model card, written all at once (a reader never sees half of it), and where it is."""
     atomic_write(card_path, json.dumps(card, indent=2, default=str))
     card["card"] = str(card_path)
     return card
@@ -231,11 +235,7 @@ def export_checkpoint_int8(checkpoint: str | Path, out: str | Path, check: dict[
     report = export_int8(out, card, card_path, cfg, size, registered=False, log=log, **int8)
     for k in ("mean", "std"):  # a training checkpoint: normalised as its dataset is
         card["input"][k] = card["input"][k] or report["calibration"]["normalisation"][k]
-    from prunevision.fsutil import atomic_write
-
-    atomic_write(card_path, json.dumps(card, indent=2, default=str))
-    card["card"] = str(card_path)
-    return card
+    return _write_card(card, card_path)
 
 
 def _config(path: Path):

@@ -44,8 +44,6 @@ PruneMethod = Literal[
 ]
 
 
-
-
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = "small_cnn"
@@ -71,9 +69,9 @@ class ModelConfig:
                 check_model_name(b, key="model.backbones")
                 if b in ("hybrid", "small_cnn"):
                     raise ConfigError(f"model.backbones: {b!r} cannot be a hybrid backbone")
-        _check_range("model.num_classes", self.num_classes, low=2, optional=True)
-        _check_range("model.fusion_channels", self.fusion_channels, low=1)
-        _check_range("model.dropout", self.dropout, low=0.0, high=1.0, high_open=True)
+        check_range("model.num_classes", self.num_classes, low=2, optional=True)
+        check_range("model.fusion_channels", self.fusion_channels, low=1)
+        check_range("model.dropout", self.dropout, low=0.0, high=1.0, high_open=True)
 
 
 @dataclass(frozen=True)
@@ -125,15 +123,15 @@ class DataConfig:
                 raise ConfigError(
                     f"data.{key}: {v} must be a fraction in (0, 1] or a whole count of images"
                 )
-        _check_range("data.val_split", self.val_split, low=0.0, high=0.5)
-        _check_range("data.batch_size", self.batch_size, low=1)
-        _check_range("data.eval_batch_size", self.eval_batch_size, low=1)
-        _check_range("data.image_size", self.image_size, low=8, high=MAX_IMAGE_SIZE, optional=True)
-        _check_range("data.stream_above", self.stream_above, low=8)
-        _check_range("data.workers", self.workers, low=0)
-        _check_range("data.num_classes", self.num_classes, low=2)
-        _check_range("data.synthetic_train", self.synthetic_train, low=1)
-        _check_range("data.synthetic_test", self.synthetic_test, low=1)
+        check_range("data.val_split", self.val_split, low=0.0, high=0.5)
+        check_range("data.batch_size", self.batch_size, low=1)
+        check_range("data.eval_batch_size", self.eval_batch_size, low=1)
+        check_range("data.image_size", self.image_size, low=8, high=MAX_IMAGE_SIZE, optional=True)
+        check_range("data.stream_above", self.stream_above, low=8)
+        check_range("data.workers", self.workers, low=0)
+        check_range("data.num_classes", self.num_classes, low=2)
+        check_range("data.synthetic_train", self.synthetic_train, low=1)
+        check_range("data.synthetic_test", self.synthetic_test, low=1)
 
 
 @dataclass(frozen=True)
@@ -163,9 +161,9 @@ class GateConfig:
     def __post_init__(self) -> None:
         if self.kind is None:
             object.__setattr__(self, "kind", "ste" if self.target_macs is not None else "sigmoid")
-        _check_range("gates.lam", self.lam, low=0.0, optional=True)
-        _check_range("gates.target_macs", self.target_macs, low=0.0, high=1.0, low_open=True, optional=True)
-        _check_range("gates.budget_lr", self.budget_lr, low=0.0, low_open=True)
+        check_range("gates.lam", self.lam, low=0.0, optional=True)
+        check_range("gates.target_macs", self.target_macs, low=0.0, high=1.0, low_open=True, optional=True)
+        check_range("gates.budget_lr", self.budget_lr, low=0.0, low_open=True)
         if self.target_macs is not None:
             if self.lam not in (None, 0.0):
                 raise ConfigError(f"gates.lam: {self.lam} contradicts gates.target_macs={self.target_macs} (with a "
@@ -173,15 +171,15 @@ class GateConfig:
             if self.schedule != "constant":
                 raise ConfigError(f"gates.schedule: {self.schedule} is a λ schedule and contradicts gates.target_macs "
                                   "(the budget ramps over gates.warmup_epochs and gates.ramp_epochs)")
-        _check_range("gates.warmup_epochs", self.warmup_epochs, low=0.0)
-        _check_range("gates.stages", self.stages, low=1)
-        _check_range("gates.ramp_epochs", self.ramp_epochs, low=0.0, low_open=True, optional=True)
-        _check_range("gates.init", self.init, low=0.5, high=1.0, low_open=True, high_open=True)
-        _check_range("gates.temperature", self.temperature, low=0.0, low_open=True)
-        _check_range(
+        check_range("gates.warmup_epochs", self.warmup_epochs, low=0.0)
+        check_range("gates.stages", self.stages, low=1)
+        check_range("gates.ramp_epochs", self.ramp_epochs, low=0.0, low_open=True, optional=True)
+        check_range("gates.init", self.init, low=0.5, high=1.0, low_open=True, high_open=True)
+        check_range("gates.temperature", self.temperature, low=0.0, low_open=True)
+        check_range(
             "gates.temperature_final", self.temperature_final, low=0.0, low_open=True, optional=True
         )
-        _check_range("gates.lr", self.lr, low=0.0, low_open=True)
+        check_range("gates.lr", self.lr, low=0.0, low_open=True)
 
 
 @dataclass(frozen=True)
@@ -201,13 +199,13 @@ class TrainConfig:
     checkpoint_every: int = 1  # epochs between checkpoints written by `prunevision train`
 
     def __post_init__(self) -> None:
-        _check_range("train.epochs", self.epochs, low=1)
-        _check_range("train.lr", self.lr, low=0.0, low_open=True)
-        _check_range("train.momentum", self.momentum, low=0.0, high=1.0, high_open=True)
-        _check_range("train.weight_decay", self.weight_decay, low=0.0)
-        _check_range("train.label_smoothing", self.label_smoothing, low=0.0, high=1.0, high_open=True)
-        _check_range("train.grad_clip", self.grad_clip, low=0.0, low_open=True, optional=True)
-        _check_range("train.checkpoint_every", self.checkpoint_every, low=1)
+        check_range("train.epochs", self.epochs, low=1)
+        check_range("train.lr", self.lr, low=0.0, low_open=True)
+        check_range("train.momentum", self.momentum, low=0.0, high=1.0, high_open=True)
+        check_range("train.weight_decay", self.weight_decay, low=0.0)
+        check_range("train.label_smoothing", self.label_smoothing, low=0.0, high=1.0, high_open=True)
+        check_range("train.grad_clip", self.grad_clip, low=0.0, low_open=True, optional=True)
+        check_range("train.checkpoint_every", self.checkpoint_every, low=1)
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"train.device: {self.device!r} is not one of auto, cpu, cuda, cuda:N")
 
@@ -239,28 +237,28 @@ class PruneConfig:
     ratios: Optional[tuple[float, ...]] = None
 
     def __post_init__(self) -> None:
-        _check_range("prune.threshold", self.threshold, low=0.0, high=1.0, low_open=True, high_open=True,
+        check_range("prune.threshold", self.threshold, low=0.0, high=1.0, low_open=True, high_open=True,
                      optional=True)
-        _check_range("prune.steps", self.steps, low=1)
-        _check_range(
+        check_range("prune.steps", self.steps, low=1)
+        check_range(
             "prune.target_sparsity", self.target_sparsity, low=0.0, high=1.0, high_open=True, optional=True
         )
-        _check_range("prune.round_to", self.round_to, low=1, optional=True)
-        _check_range("prune.min_channels", self.min_channels, low=1)
-        _check_range("prune.max_layer_sparsity", self.max_layer_sparsity, low=0.0, high=1.0, low_open=True,
+        check_range("prune.round_to", self.round_to, low=1, optional=True)
+        check_range("prune.min_channels", self.min_channels, low=1)
+        check_range("prune.max_layer_sparsity", self.max_layer_sparsity, low=0.0, high=1.0, low_open=True,
                      high_open=True, optional=True)
-        _check_range("prune.finetune_epochs", self.finetune_epochs, low=0)
-        _check_range("prune.finetune_lr", self.finetune_lr, low=0.0, low_open=True)
-        _check_range("prune.distill", self.distill, low=0.0, high=1.0)
-        _check_range("prune.distill_temperature", self.distill_temperature, low=0.0, low_open=True)
-        _check_range("prune.calibration_batches", self.calibration_batches, low=1)
-        _check_range("prune.skip_first", self.skip_first, low=0)
+        check_range("prune.finetune_epochs", self.finetune_epochs, low=0)
+        check_range("prune.finetune_lr", self.finetune_lr, low=0.0, low_open=True)
+        check_range("prune.distill", self.distill, low=0.0, high=1.0)
+        check_range("prune.distill_temperature", self.distill_temperature, low=0.0, low_open=True)
+        check_range("prune.calibration_batches", self.calibration_batches, low=1)
+        check_range("prune.skip_first", self.skip_first, low=0)
         if self.ratios is not None:
             if self.method == "gate":
                 raise ConfigError("prune.ratios: for the baseline methods (gate pruning follows the gates; sweep "
                                   "gates.target_macs instead)")
             for r in self.ratios:
-                _check_range("prune.ratios", r, low=0.0, high=1.0, low_open=True, high_open=True)
+                check_range("prune.ratios", r, low=0.0, high=1.0, low_open=True, high_open=True)
 
 
 @dataclass(frozen=True)
@@ -276,10 +274,10 @@ class MeasureConfig:
     exporter: Literal["dynamo", "torchscript"] = "dynamo"
 
     def __post_init__(self) -> None:
-        _check_range("measure.batch", self.batch, low=1)
-        _check_range("measure.runs", self.runs, low=30)
-        _check_range("measure.warmup", self.warmup, low=0)
-        _check_range("measure.threads", self.threads, low=1)
+        check_range("measure.batch", self.batch, low=1)
+        check_range("measure.runs", self.runs, low=30)
+        check_range("measure.warmup", self.warmup, low=0)
+        check_range("measure.threads", self.threads, low=1)
         if self.latency and not self.export:
             raise ConfigError("measure.latency: ONNX Runtime latency needs measure.export=true")
 
@@ -498,7 +496,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     raise ConfigError(f"{key}: unsupported type {tp}")  # pragma: no cover
 
 
-def _check_range(
+def check_range(
     key: str,
     value: Any,
     low: float | None = None,

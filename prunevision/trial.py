@@ -218,8 +218,8 @@ class _PruneRun:
 
     def __init__(self, model: nn.Module, dense: nn.Module, data: Dataset, cfg: ExperimentConfig,
                  ev: _Evaluator, timings: dict[str, float], log: Callable[[str], None] | None) -> None:
-        self.pruned, self.dense, self.data, self.cfg, self.ev, self.tm, self.log = model, dense, data, cfg, ev, \
-            timings, log
+        self.pruned, self.dense, self.data, self.cfg = model, dense, data, cfg
+        self.ev, self.tm, self.log = ev, timings, log
         self.report = PruneReport(cfg.prune.method)
         self.history: list[dict[str, Any]] = []
         self.steps: list[dict[str, Any]] = []

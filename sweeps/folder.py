@@ -22,7 +22,6 @@ MLFLOW_TRIAL_KEY = "_mlflow_trial"  # in a trial's config: the trial id of the M
 INTERRUPTED_DIR = ".interrupted"  # where resume moves the folders of the trials it restarts
 
 
-
 def last_result(path: str | Path) -> dict[str, Any]:
     """The last complete JSON line of a Ray ``result.json`` (a line cut short by a killed trial is
     skipped; no file: empty)."""

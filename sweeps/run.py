@@ -296,7 +296,6 @@ def _forget_if_unstarted(state: dict[str, Any]) -> None:
     d = Path(state["sweep_dir"])
     if "://" in state["storage"] or (d / STUDY_FILE).exists() or any(d.glob("*/params.json")):
         return
-
     for name in (STATE_FILE, LOCK_FILE):
         (d / name).unlink(missing_ok=True)
     try:
@@ -327,7 +326,6 @@ def _run(state: dict[str, Any], spec: SweepSpec, address: str | None, num_cpus: 
 
 
 def load_state(sweep_dir: str | Path) -> dict[str, Any]:
-
     try:
         state = read_state(sweep_dir)
     except SweepDataError as e:
@@ -471,7 +469,6 @@ def _close_parent(state: dict[str, Any], status: str) -> None:
 
 def driver_lock(sweep_dir: str | Path):
     """One driver per sweep folder: a second ``sweep run``/``resume`` on it gets one line."""
-
     return locked_folder(sweep_dir, "sweep folder", busy="{path} is in use by another sweep driver (pid {pid})",
                          error=SweepError)
 

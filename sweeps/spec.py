@@ -36,8 +36,8 @@ from typing import Any, Literal, Optional
 from prunevision.config import (
     ConfigError,
     ExperimentConfig,
-    _check_range,
     build_section,
+    check_range,
     flatten,
     from_dict,
     load_config,
@@ -101,8 +101,16 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Swe
     return parse_sweep(raw, overrides or {}, default_name=p.stem)
 
 
+class _Section:
+    """A section of the sweep file, validated by the config's build_section."""
+
+    @staticmethod
+    def check_raw(data: dict[str, Any]) -> None:
+        """Checks on the mapping as written, before build_section (where a message says more)."""
+
+
 @dataclass(frozen=True)
-class SearchSection:
+class SearchSection(_Section):
     sampler: Literal["tpe", "nsga2", "random"] = "tpe"
     seed: int = 0
     num_samples: int = 8
@@ -110,48 +118,58 @@ class SearchSection:
     population_size: Optional[int] = None  # NSGA-II only
 
     def __post_init__(self) -> None:
-        _check_range("search.seed", self.seed, low=0)
-        _check_range("search.num_samples", self.num_samples, low=1)
-        _check_range("search.max_concurrent", self.max_concurrent, low=1)
-        _check_range("search.population_size", self.population_size, low=2, optional=True)
+        check_range("search.seed", self.seed, low=0)
+        check_range("search.num_samples", self.num_samples, low=1)
+        check_range("search.max_concurrent", self.max_concurrent, low=1)
+        check_range("search.population_size", self.population_size, low=2, optional=True)
         if self.population_size is not None and self.sampler != "nsga2":
             raise SweepError("search.population_size: only for sampler nsga2")
 
+    @staticmethod
+    def check_raw(data: dict[str, Any]) -> None:
+        if data.get("sampler", "tpe") not in SAMPLERS:
+            raise SweepError(f"search.sampler: unknown sampler {data['sampler']!r}; choose from {', '.join(SAMPLERS)}")
+
 
 @dataclass(frozen=True)
-class ResourcesSection:
+class ResourcesSection(_Section):
     cpu: float = 1.0
     gpu: float = 0.0
 
     def __post_init__(self) -> None:
-        _check_range("resources.cpu", self.cpu, low=0.0, low_open=True)  # a trial needs some CPU
-        _check_range("resources.gpu", self.gpu, low=0.0)
+        check_range("resources.cpu", self.cpu, low=0.0, low_open=True)  # a trial needs some CPU
+        check_range("resources.gpu", self.gpu, low=0.0)
 
 
 @dataclass(frozen=True)
-class SchedulerSection:
+class SchedulerSection(_Section):
     type: Literal["asha"] = "asha"
     grace_period: int = 1
     reduction_factor: float = 2.0
 
     def __post_init__(self) -> None:
-        _check_range("scheduler.grace_period", self.grace_period, low=1)
-        _check_range("scheduler.reduction_factor", self.reduction_factor, low=1.0, low_open=True)
+        check_range("scheduler.grace_period", self.grace_period, low=1)
+        check_range("scheduler.reduction_factor", self.reduction_factor, low=1.0, low_open=True)
+
+    @staticmethod
+    def check_raw(data: dict[str, Any]) -> None:
+        if data.get("type") != "asha":  # also when no type is given: a scheduler section names its scheduler
+            raise SweepError("scheduler: only {type: asha, grace_period, reduction_factor} is supported")
 
 
 @dataclass(frozen=True)
-class MlflowSection:
+class MlflowSection(_Section):
     tracking_uri: Optional[str] = None
     experiment: Optional[str] = None
     log_models: bool = False
 
 
 @dataclass(frozen=True)
-class FailureSection:
+class FailureSection(_Section):
     max_failures: int = 1
 
     def __post_init__(self) -> None:
-        _check_range("failure.max_failures", self.max_failures, low=0)
+        check_range("failure.max_failures", self.max_failures, low=0)
 
 
 def parse_sweep(raw: dict[str, Any], overrides: dict[str, Any] | None = None, default_name: str = "sweep") -> SweepSpec:
@@ -206,14 +224,11 @@ def _mapping(raw: dict[str, Any], key: str) -> Any:
     return v
 
 
-def _section(cls: type, raw: dict[str, Any], key: str) -> Any:
+def _section(cls: type[_Section], raw: dict[str, Any], key: str) -> Any:
     """One section of the sweep file through the config's validator (shape, keys, types, ranges)."""
     data = _mapping(raw, key) or {}
     _only(data, tuple(f.name for f in dataclasses.fields(cls)), key)
-    if cls is SearchSection and data.get("sampler", "tpe") not in SAMPLERS:
-        raise SweepError(f"search.sampler: unknown sampler {data['sampler']!r}; choose from {', '.join(SAMPLERS)}")
-    if cls is SchedulerSection and data.get("type") != "asha":
-        raise SweepError("scheduler: only {type: asha, grace_period, reduction_factor} is supported")
+    cls.check_raw(data)
     try:
         return build_section(cls, data, prefix=f"{key}.")
     except SweepError:
