@@ -144,7 +144,7 @@ def budget_mode(args) -> int:
     from prunevision.pipeline import run_training
 
     base = {"data.root": args.data, "data.subset": args.subset, "data.test_subset": None, "data.batch_size": 128,
-            "train.epochs": args.epochs, "gates.warmup_epochs": 1, "gates.lr": 0.05, "prune.round_to": None,
+            "train.epochs": args.epochs, "gates.lr": 0.05, "prune.round_to": None,
             "prune.finetune_epochs": 1, "measure.batch": 32, "measure.runs": args.runs, "measure.threads": 1,
             "measure.torch_latency": False}
     budgets = [float(b) for b in (args.budgets or "0.5").split(",")]

@@ -22,7 +22,7 @@ def lam_at(cfg: GateConfig, epoch: float, total_epochs: int) -> float:
                (default: the rest of training).
     """
     lam = cfg.lam if cfg.lam is not None else 1.0
-    w = cfg.warmup_epochs
+    w = cfg.warmup_epochs or 0.0
     if cfg.schedule == "constant":
         return lam
     if cfg.schedule == "linear":
@@ -41,20 +41,27 @@ def lam_at(cfg: GateConfig, epoch: float, total_epochs: int) -> float:
 
 
 def target_at(cfg: GateConfig, epoch: float, total_epochs: int) -> float:
-    """The MACs budget in force at ``epoch`` (budget mode): 1 (dense) during the ``warmup_epochs``,
-    then a linear ramp to ``target_macs`` over ``ramp_epochs`` (default: half the remaining epochs),
-    then ``target_macs`` until the end, so the last epochs train the final structure."""
+    """The MACs budget in force at ``epoch`` (budget mode): 1 (dense) during the warm-up
+    (:func:`budget_warmup`), then a linear ramp to ``target_macs`` over ``ramp_epochs`` (default:
+    half the remaining epochs), then ``target_macs`` until the end, so the last epochs train the
+    final structure."""
     if cfg.target_macs is None:
         return 1.0
-    w = cfg.warmup_epochs
+    w = budget_warmup(cfg, total_epochs)
     ramp = budget_in_force(cfg, total_epochs) - w
     t = min(1.0, max(0.0, (epoch - w) / max(ramp, 1e-9)))
     return 1.0 - (1.0 - cfg.target_macs) * t
 
 
+def budget_warmup(cfg: GateConfig, total_epochs: int) -> float:
+    """Dense epochs before a budget's ramp starts: ``warmup_epochs``, by default a third of training
+    (the ramp then takes the next third, and the last third trains the final structure)."""
+    return cfg.warmup_epochs if cfg.warmup_epochs is not None else total_epochs / 3.0
+
+
 def budget_in_force(cfg: GateConfig, total_epochs: int) -> float:
     """The epoch from which ``target_at`` holds the final budget."""
-    w = cfg.warmup_epochs
+    w = budget_warmup(cfg, total_epochs)
     ramp = cfg.ramp_epochs if cfg.ramp_epochs is not None else max(total_epochs - w, 1e-9) / 2
     return w + ramp
 

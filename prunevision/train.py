@@ -32,7 +32,7 @@ from prunevision.config import ExperimentConfig, from_dict
 from prunevision.data import Dataset, DeviceLoader
 from prunevision.fsutil import atomic_write
 from prunevision.gates import clamp_scores, gate_parameters, gate_stats, penalty, set_temperature
-from prunevision.schedules import budget_in_force, lam_at, lr_at, target_at, temperature_at
+from prunevision.schedules import budget_warmup, lam_at, lr_at, target_at, temperature_at
 
 CHECKPOINT_FORMAT = "prunevision-train-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -264,6 +264,8 @@ def fit(
                               train=False, channels_last=channels_last) if data.has_val else None
     steps = len(train_loader)
     total_steps = steps * t_cfg.epochs
+    follow_every = max(1, steps // BudgetController.FOLLOW_EVERY)
+    warmup = budget_warmup(g_cfg, t_cfg.epochs)
     interactive = sys.stderr.isatty()
     for epoch in range(state.epoch, t_cfg.epochs):
         model.train()
@@ -290,10 +292,13 @@ def fit(
             task = F.cross_entropy(out.float(), y, label_smoothing=t_cfg.label_smoothing)
             if teacher is not None:
                 task = distill_loss(task, out, teacher, x, cfg.prune.distill, cfg.prune.distill_temperature, amp)
-            if budget is not None:
+            in_force = budget is not None and t_epoch >= warmup  # the warm-up trains dense
+            if in_force:
                 pen = budget.loss(target_at(g_cfg, t_epoch, t_cfg.epochs))
                 loss = task + pen
                 budget.zero_grad()
+            elif budget is not None:
+                pen, loss = torch.zeros((), device=dev), task
             else:
                 pen = penalty(model, g_cfg.penalty) if gate_opt is not None else torch.zeros((), device=dev)
                 loss = task + lam * pen
@@ -307,16 +312,15 @@ def fit(
             if gate_opt is not None:
                 gate_opt.step()
                 clamp_scores(model)
-            if budget is not None:
+            if in_force:
                 budget.step()
+            if budget is not None and ((step + 1) % follow_every == 0 or step + 1 == steps):
+                # the structure follows the budget in force (1 in the warm-up, then the ramp)
+                budget.follow(target_at(g_cfg, epoch + (step + 1) / steps, t_cfg.epochs))
             task_sum += task.detach() * len(y)
             pen_sum += pen.detach() * len(y)
             correct += (out.argmax(1) == y).sum()
             seen += len(y)
-        if budget is not None and epoch + 1 >= budget_in_force(g_cfg, t_cfg.epochs):
-            settled = budget.settle(g_cfg.target_macs, budget.SETTLE_TOLERANCE)
-            if settled is not None and log:
-                log(f"budget: gates projected onto {g_cfg.target_macs:g} of the MACs (now {settled:.3f})")
         if not math.isfinite(task_sum.item()):
             raise FloatingPointError(f"training diverged in epoch {epoch + 1} (loss is not finite); lower train.lr")
         train_time = time.perf_counter() - t0

@@ -108,3 +108,33 @@ def test_budgeted_training_lands_on_its_budget(kind):
     last = state.history[-1]
     assert last["macs_share"] == pytest.approx(0.4, rel=0.1)
     assert state.history[0]["macs_share"] > 0.9  # warm-up: dense
+
+
+@pytest.mark.slow
+def test_structure_follows_the_ramp_every_epoch():
+    """The warm-up trains dense, then every epoch's network sits on the budget the ramp asks for
+    (within 5 %): no cohort of channels closes at once, and training ends on the budget."""
+    cfg = _cfg(**{"gates.target_macs": 0.3, "prune.round_to": None, "train.epochs": 6, "gates.warmup_epochs": None})
+    from prunevision.data import load_dataset
+    from prunevision.schedules import budget_warmup
+
+    assert budget_warmup(cfg.gates, 6) == 2.0  # the default: a third of training
+    torch.manual_seed(0)
+    data = load_dataset(cfg.data, seed=0)
+    model = build_gated_model(cfg.model, cfg.gates, data.num_classes, data.image_size)
+    history = fit(model, data, cfg).history
+    assert [r["target_macs_now"] for r in history] == pytest.approx([1.0, 1.0, 0.65, 0.3, 0.3, 0.3])
+    assert [r["macs_share"] for r in history[:2]] == [1.0, 1.0]  # dense through the warm-up
+    for r in history[2:]:
+        assert r["macs_share"] == pytest.approx(r["target_macs_now"], rel=0.05), r
+
+
+def test_projection_never_moves_the_gates_further_from_the_budget():
+    """With every score tied, a common shift can only close all gates or none: asked for 0.98 of the
+    MACs, the projection leaves the dense network (nearer) instead of closing everything."""
+    model = build_gated_model(ModelConfig(name="small_cnn"), GateConfig(kind="ste"), 10, 16)
+    macs = MacsModel(model, torch.zeros(1, 3, 16, 16), threshold=0.5)
+    before = [g.score.detach().clone() for _, g in iter_gates(model)]
+    assert macs.project(0.98) == pytest.approx(1.0)
+    assert all(torch.equal(b, g.score) for b, (_, g) in zip(before, iter_gates(model)))
+    assert macs.project(0.01) < 0.1  # nearer: everything closes
