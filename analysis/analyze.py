@@ -49,7 +49,8 @@ DIAGNOSTICS = {
     "ratio_curve": "The chosen trial's pruning ratios from one training",
 }
 SUMMARY_COLS = ["trial_id", "val_accuracy", "accuracy", "param_sparsity", "latency_ms", "latency_remeasured",
-                "latency_speedup", "macs_reduction", "target_macs", "macs_share", "val_accuracy_dense",
+                "latency_speedup", "latency_speedup_lo", "latency_speedup_hi",
+                "macs_reduction", "target_macs", "macs_share", "val_accuracy_dense",
                 "accuracy_dense"]
 
 
@@ -335,6 +336,8 @@ def _write_report(out: Path, state: dict, df: pd.DataFrame, front: pd.DataFrame,
 
 
 def _int8_section(rep: Report, front: pd.DataFrame, int8_rows: pd.DataFrame, summary: dict, files: dict) -> None:
+    from prunevision.metrics import format_speedup  # lazily: prunevision imports torch
+
     info = summary["int8"]
     split = "validation" if summary["selection_accuracy"] == "val_accuracy" else "test"
     rep.heading("The front in INT8")
@@ -357,7 +360,8 @@ def _int8_section(rep: Report, front: pd.DataFrame, int8_rows: pd.DataFrame, sum
                      "gzip": f"{_mb(info['results'][t]['size']['fp32']['gzip_bytes'])} → {_mb(r['onnx_gzip_bytes'])}",
                      "lat32": f"{r['latency_ms_fp32_same_run']:.3f}", "lat8": f"{r['latency_ms']:.3f} "
                      f"[{r['latency_ms_p10']:.3f}–{r['latency_ms_p90']:.3f}]",
-                     "speedup": f"{r['int8_speedup_vs_fp32']:.2f}×",
+                     "speedup": format_speedup(r["int8_speedup_vs_fp32"], r.get("int8_speedup_vs_fp32_lo"),
+                                               r.get("int8_speedup_vs_fp32_hi")),
                      "front": ("fp32 " if info["front_with_int8"].get(f"{t}/fp32") else "")
                      + ("INT8" if r.get("front_with_int8") else ""), "sparsity": _pct(f.get("param_sparsity"))})
     cols = ["trial", "sparsity", "val32", "val8", "test32", "test8", "drop", "agree", "size", "gzip", "lat32", "lat8",

@@ -114,9 +114,12 @@ def run_analyze(args: argparse.Namespace) -> int:
           f"{s['front_size']} trial(s), hypervolume {s['hypervolume']:.4g}")
     val = (f"val accuracy {c['val_accuracy']:.4f} (dense {c['val_accuracy_dense']:.4f}), test "
            if c.get("val_accuracy") is not None and c.get("val_accuracy_dense") is not None else "")
+    from prunevision.metrics import format_speedup  # lazily: prunevision imports torch
+
+    sp = format_speedup(c["latency_speedup"], c.get("latency_speedup_lo"), c.get("latency_speedup_hi"))
     print(f"chosen ({c['select']}): trial {c['trial_id']}: {val}accuracy {c['accuracy']:.4f} (dense "
           f"{c['accuracy_dense']:.4f}), {c['param_sparsity']:.1%} of parameters removed, latency "
-          f"{c['latency_ms']:.4f} ms ({c['latency_speedup']:.2f}x faster than dense"
+          f"{c['latency_ms']:.4f} ms ({sp} faster than dense"
           f"{', re-measured' if c.get('latency_remeasured') else ''})")
     q = s.get("int8")
     if q:
@@ -163,8 +166,11 @@ def run_export(args: argparse.Namespace) -> int:
 def _int8_line(q: dict) -> str:
     on = q["drop_split"]
     a = q["accuracy"][on]
+    from prunevision.metrics import format_speedup  # lazily: prunevision imports torch
+
     lat = " ".join(f"b{k.split('_', 1)[1]} {v['int8']['median_ms']:.3f} ms [{v['int8']['p10_ms']:.3f}–"
-                   f"{v['int8']['p90_ms']:.3f}] vs {v['fp32']['median_ms']:.3f} ms ({v['speedup']:.2f}x);"
+                   f"{v['int8']['p90_ms']:.3f}] vs {v['fp32']['median_ms']:.3f} ms "
+                   f"({format_speedup(v['speedup'], v.get('speedup_lo'), v.get('speedup_hi'))});"
                    for k, v in q["latency"].items())
     rt = q["structure"]["runtime"]
     left = f", {rt['float_weight_ops']} weight layer(s) left in float" if rt["float_weight_ops"] else ""

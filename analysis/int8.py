@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from prunevision.metrics import speedup
 from prunevision.quantize import (
     CALIBRATION_METHODS,
     DEFAULT_CALIBRATION_SIZE,
@@ -230,9 +231,11 @@ def int8_front(front: pd.DataFrame, objectives: Mapping[str, str], out: Path, *,
         r8["latency_ms"], r8["latency_ms_p90"] = lat["int8"]["median_ms"], lat["int8"]["p90_ms"]
         r8["latency_ms_p10"] = lat["int8"]["p10_ms"]
         r8["latency_ms_fp32_same_run"], r8["int8_speedup_vs_fp32"] = lat["fp32"]["median_ms"], lat["speedup"]
+        r8["int8_speedup_vs_fp32_lo"], r8["int8_speedup_vs_fp32_hi"] = lat.get("speedup_lo"), lat.get("speedup_hi")
         if "dense" in lat:
+            sp = speedup(lat["dense"], lat["int8"])
             r8["latency_ms_dense"] = lat["dense"]["median_ms"]
-            r8["latency_speedup"] = lat["dense"]["median_ms"] / lat["int8"]["median_ms"]
+            r8["latency_speedup"], r8["latency_speedup_lo"], r8["latency_speedup_hi"] = sp["median"], sp["lo"], sp["hi"]
         r8["latency_remeasured"] = True
         r8["latency_target"] = f"onnxruntime-cpu b{batch} t{threads} (INT8 run, next to fp32 and dense)"
         r8["onnx_bytes"], r8["onnx_gzip_bytes"] = rep["size"]["int8"]["bytes"], rep["size"]["int8"]["gzip_bytes"]

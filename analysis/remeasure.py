@@ -53,13 +53,16 @@ def remeasure(df: pd.DataFrame, objectives: Mapping[str, str], *, target: str = 
     re-measured. The trial's own figures stay in ``latency_ms_trial`` / ``latency_ms_dense_trial``;
     ``latency_remeasured`` says which rows hold new figures, ``latency_target`` on what. ``rows``:
     re-measure these index labels instead of the candidates (on a table re-measured before)."""
+    from prunevision.metrics import speedup  # lazily: prunevision imports torch
+
     if target not in TARGETS:
         raise RemeasureError(f"unknown latency target {target!r}: one of {', '.join(TARGETS)}")
     if batch < 1 or threads < 1 or runs < 1 or warmup < 0:
         raise RemeasureError("batch, threads and runs must be ≥ 1, warmup ≥ 0")
     out = df.copy()
     if "latency_remeasured" not in out.columns:
-        for col in ("latency_ms", "latency_ms_p90", "latency_ms_dense", "latency_speedup"):
+        for col in ("latency_ms", "latency_ms_p90", "latency_ms_dense", "latency_speedup", "latency_speedup_lo",
+                    "latency_speedup_hi"):
             if col in out.columns:
                 out[col + "_trial"] = out[col]
         out["latency_remeasured"] = False
@@ -87,7 +90,9 @@ def remeasure(df: pd.DataFrame, objectives: Mapping[str, str], *, target: str = 
             out.at[i, "latency_ms"] = res[str(i)]["median_ms"]
             out.at[i, "latency_ms_p90"] = res[str(i)]["p90_ms"]
             out.at[i, "latency_ms_dense"] = res["dense"]["median_ms"]
-            out.at[i, "latency_speedup"] = res["dense"]["median_ms"] / res[str(i)]["median_ms"]
+            sp = speedup(res["dense"], res[str(i)])
+            out.at[i, "latency_speedup"] = sp["median"]
+            out.at[i, "latency_speedup_lo"], out.at[i, "latency_speedup_hi"] = sp["lo"], sp["hi"]
             out.at[i, "latency_remeasured"] = True
             out.at[i, "latency_target"] = f"{target} b{batch} t{threads} (re-measured)"
     return out

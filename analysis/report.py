@@ -30,11 +30,22 @@ def _fmt(v: Any, col: str = "") -> str:
     return str(v)
 
 
+def _cell(r: dict[str, Any], col: str) -> str:
+    """A table cell; a speed-up comes with its spread over the timing rounds where it is known."""
+    from prunevision.metrics import format_speedup  # lazily: prunevision imports torch
+
+    v = r.get(col)
+    lo, hi = r.get(f"{col}_lo"), r.get(f"{col}_hi")
+    if col == "latency_speedup" and isinstance(v, float) and not pd.isna(v) and lo is not None and hi is not None:
+        return format_speedup(v, float(lo), float(hi))
+    return _fmt(v, col)
+
+
 def table_md(rows: list[dict[str, Any]], cols: list[str], headers: list[str] | None = None) -> str:
     headers = headers or cols
     out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        out.append("| " + " | ".join(_fmt(r.get(c), c).replace("|", "\\|") for c in cols) + " |")
+        out.append("| " + " | ".join(_cell(r, c).replace("|", "\\|") for c in cols) + " |")
     return "\n".join(out)
 
 

@@ -79,6 +79,22 @@ def card_path_for(out: Path) -> Path:
     return out.with_name("model.json") if out.stem == "model" else out.with_name(out.stem + ".json")
 
 
+def _card_metrics(keep: tuple[str, ...], metrics: Mapping[str, Any], row: Mapping[str, Any],
+                  analysed: bool) -> dict[str, Any]:
+    """The model card's figures: the trial's own, except latency where the analysis re-measured it
+    (the card then shows the figures the report chose on)."""
+    out = {}
+    for k in keep:
+        v = metrics.get(k, row.get(k))
+        if analysed and k.startswith("latency_") and row.get(k) is not None and not pd.isna(row.get(k)):
+            v = float(row[k])
+        if v is not None:
+            out[k] = v
+    if analysed and row.get("latency_target") is not None:
+        out["latency_measured_by"] = str(row["latency_target"])
+    return out
+
+
 def export_chosen(sweep_dir: str | Path, out: str | Path, *, select: str = "knee",
                   bounds: Mapping[str, tuple[str, float]] | None = None, exporter: str = "dynamo",
                   register: bool = True, registered_model: str | None = None,
@@ -129,14 +145,15 @@ def export_chosen(sweep_dir: str | Path, out: str | Path, *, select: str = "knee
         cfg = _config(ckpt.parent / "config.yaml") if int8 is not None else None
     keep = ("val_accuracy", "val_accuracy_dense", "accuracy", "accuracy_dense", "accuracy_before_finetune",
             "param_sparsity", "params", "params_dense", "macs", "macs_dense", "macs_reduction", "size_bytes",
-            "size_bytes_dense", "latency_ms", "latency_ms_dense", "latency_speedup", "per_class_accuracy")
+            "size_bytes_dense", "latency_ms", "latency_ms_dense", "latency_speedup", "latency_speedup_lo",
+            "latency_speedup_hi", "per_class_accuracy")
     card: dict[str, Any] = {
         "name": registered_model or f"prunevision-{state['name']}",
         "file": str(out.resolve()), "sha256": sha256_of(out), "size_bytes": out.stat().st_size,
         "input": metrics.get("input") or {"size": size, "mean": meta["extra"].get("mean"),
                                           "std": meta["extra"].get("std"), "layout": "NCHW float32"},
         "output": {"name": "logits", "classes": meta["extra"].get("classes")},
-        "metrics": {k: metrics.get(k, row.get(k)) for k in keep if metrics.get(k, row.get(k)) is not None},
+        "metrics": _card_metrics(keep, metrics, row, analysed is not None),
         "sweep_metrics": {k: (None if pd.isna(row.get(k)) else float(row[k])) for k in objectives if k in row},
         "selection": {"strategy": select, "bounds": {k: list(v) for k, v in (bounds or {}).items()},
                       "objectives": objectives, "accuracy": accuracy_column(df), "chosen_by": chosen_by},

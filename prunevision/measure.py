@@ -4,7 +4,8 @@ and latency of dense and pruned networks measured in the same run.
 Latency: ONNX Runtime on CPU (the default deployment target) and PyTorch eager on the
 training device; warm-up runs, then ``runs`` timed runs per model, interleaved in rounds so that
 a noisy neighbour slows both models alike; median, 10th/25th/75th/90th percentiles reported, thread count
-fixed and recorded. The speed-up is the ratio of the two medians.
+fixed and recorded. The speed-up is the ratio of the two medians; its spread is the range of the
+ratios of the rounds' medians (:func:`prunevision.metrics.speedup`), shown beside it wherever a speed-up is shown.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import gzip
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,11 +44,11 @@ def size_on_disk(model: nn.Module) -> tuple[int, int]:
     return len(raw), len(gzip.compress(raw, compresslevel=6))
 
 
-def _summary(times_s: list[float]) -> dict[str, float]:
+def _summary(times_s: list[float], round_medians_s: list[float]) -> dict[str, Any]:
     a = np.asarray(times_s) * 1000.0
     p10, p25, p75, p90 = (float(v) for v in np.percentile(a, [10, 25, 75, 90]))
     return {"median_ms": float(np.median(a)), "p10_ms": p10, "p25_ms": p25, "p75_ms": p75, "p90_ms": p90,
-            "runs": int(len(a))}
+            "runs": int(len(a)), "round_medians_ms": [1000.0 * float(r) for r in round_medians_s]}
 
 
 def _interleaved(fns: dict[str, Callable[[], None]], runs: int, warmup: int, rounds: int = 5) -> dict[str, dict]:
@@ -54,14 +56,18 @@ def _interleaved(fns: dict[str, Callable[[], None]], runs: int, warmup: int, rou
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
+    per_round_medians: dict[str, list[float]] = {k: [] for k in fns}
     per_round = max(1, -(-runs // rounds))
     for _ in range(rounds):
         for k, fn in fns.items():
+            these = []
             for _ in range(per_round):
                 t0 = time.perf_counter()
                 fn()
-                times[k].append(time.perf_counter() - t0)
-    return {k: _summary(v) for k, v in times.items()}
+                these.append(time.perf_counter() - t0)
+            times[k] += these
+            per_round_medians[k].append(float(np.median(these)))
+    return {k: _summary(v, per_round_medians[k]) for k, v in times.items()}
 
 
 def onnx_latency(paths: dict[str, str | Path], image_size: int, batch: int = 1, runs: int = 30, warmup: int = 10,

@@ -3,8 +3,9 @@ training loop, the sweep (objectives, ASHA's score, MLflow) and the analysis agr
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,10 @@ METRICS: dict[str, Metric] = {
     "latency_ms": Metric("pruned model's ONNX Runtime CPU latency, batch 1, median", "min", final=True),
     "latency_ms_p90": Metric("the same, 90th percentile", "min", final=True),
     "latency_ms_dense": Metric("dense network's latency, measured in the same run", final=True),
-    "latency_speedup": Metric("dense latency / pruned latency", "max", final=True),
+    "latency_speedup": Metric("dense latency / pruned latency (ratio of the medians)", "max", final=True),
+    "latency_speedup_lo": Metric("the lowest ratio of one round's medians (dense and pruned interleaved)",
+                                 final=True),
+    "latency_speedup_hi": Metric("the highest ratio of one round's medians", final=True),
     "onnx_max_abs_diff": Metric("largest ONNX-vs-PyTorch output difference on real images", final=True),
     "train_time_s": Metric("seconds of gated training", "min", final=True),
     "target_macs": Metric("budget mode: the MACs share asked for", final=True),
@@ -67,3 +71,20 @@ FINAL_METRICS = tuple(k for k, m in METRICS.items() if m.final)
 # what a sweep may optimise: final metrics with a direction
 OBJECTIVE_METRICS = ("val_accuracy", "accuracy", "param_sparsity", "latency_ms", "macs", "params", "size_bytes",
                      "size_gzip_bytes", "gate_sparsity", "latency_speedup", "macs_reduction")
+
+
+def speedup(reference: dict[str, Any], model: dict[str, Any]) -> dict[str, float]:
+    """How many times faster ``model`` ran than ``reference`` (two results of one interleaved run):
+    the ratio of the medians, and its spread, the lowest and highest ratio of the rounds' medians
+    (each round timed both models one after the other, so a noisy neighbour slows both alike)."""
+    ratios = [r / m for r, m in zip(reference.get("round_medians_ms") or [], model.get("round_medians_ms") or [])
+              if m > 0]
+    mid = reference["median_ms"] / model["median_ms"]
+    return {"median": mid, "lo": min(ratios, default=mid), "hi": max(ratios, default=mid), "rounds": len(ratios)}
+
+
+def format_speedup(median: float, lo: float | None = None, hi: float | None = None) -> str:
+    """'1.96× (1.80–2.10)': the median speed-up and the spread over rounds when known."""
+    if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
+        return f"{median:.2f}×"
+    return f"{median:.2f}× ({lo:.2f}–{hi:.2f})"

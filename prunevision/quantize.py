@@ -329,14 +329,17 @@ def latency_pair(fp32_path: str | Path, int8_path: str | Path, image_size: int, 
                  extra: Mapping[str, str | Path] | None = None) -> dict[str, Any]:
     """ONNX Runtime CPU latency of both models (and any ``extra`` ones) at each batch size, measured
     in the same run and interleaved in rounds (:func:`prunevision.measure.onnx_latency`): median,
-    10th–90th and 25th–75th percentiles; ``speedup`` is the fp32 median over the INT8 median."""
+    10th–90th and 25th–75th percentiles; ``speedup`` is the fp32 median over the INT8 median,
+    ``speedup_lo``/``speedup_hi`` its spread over the rounds (:func:`prunevision.metrics.speedup`)."""
     from prunevision.measure import onnx_latency
+    from prunevision.metrics import speedup
 
     out = {}
     for b in batches:
         r = onnx_latency({"fp32": fp32_path, "int8": int8_path, **(extra or {})}, image_size, batch=b, runs=runs,
                          warmup=warmup, threads=threads)
-        out[f"batch_{b}"] = {**r, "speedup": r["fp32"]["median_ms"] / r["int8"]["median_ms"]}
+        sp = speedup(r["fp32"], r["int8"])
+        out[f"batch_{b}"] = {**r, "speedup": sp["median"], "speedup_lo": sp["lo"], "speedup_hi": sp["hi"]}
     return out
 
 

@@ -28,6 +28,7 @@ from prunevision.export import export_onnx
 from prunevision.fsutil import ensure_dir, save_figure, write_json
 from prunevision.gates import ChannelGate, gate_values, iter_gates
 from prunevision.measure import macs_and_params, onnx_latency, size_on_disk, torch_latency
+from prunevision.metrics import format_speedup, speedup
 from prunevision.prune import (
     PruneReport,
     keep_zeros,
@@ -336,9 +337,11 @@ def _latency_pair(dense: nn.Module, pruned: nn.Module, data: Dataset, cfg: Exper
             lat[f"torch_{tdev.type}_b{b}"] = torch_latency({"dense": dense, "pruned": pruned}, size, tdev, batch=b,
                                                            runs=m.runs, warmup=m.warmup, threads=m.threads)
     b1 = lat["onnxruntime_cpu_b1"]
+    sp = speedup(b1["dense"], b1["pruned"])
     return {"latency_ms": b1["pruned"]["median_ms"], "latency_ms_p90": b1["pruned"]["p90_ms"],
             "latency_ms_dense": b1["dense"]["median_ms"], "latency_ms_dense_p90": b1["dense"]["p90_ms"],
-            "latency_speedup": b1["dense"]["median_ms"] / b1["pruned"]["median_ms"], "latency": lat}
+            "latency_speedup": sp["median"], "latency_speedup_lo": sp["lo"], "latency_speedup_hi": sp["hi"],
+            "latency": lat}
 
 
 def _summary_line(method: str, m: dict[str, Any]) -> str:
@@ -348,7 +351,7 @@ def _summary_line(method: str, m: dict[str, Any]) -> str:
            f"{m['macs_dense'] / 1e6:.1f} M")
     if "latency_speedup" in m:
         msg += (f", ONNX Runtime CPU b1 {m['latency_ms']:.3f} ms vs {m['latency_ms_dense']:.3f} ms "
-                f"({m['latency_speedup']:.2f}x)")
+                f"({format_speedup(m['latency_speedup'], m.get('latency_speedup_lo'), m.get('latency_speedup_hi'))})")
     return msg
 
 

@@ -111,3 +111,28 @@ def test_resume_into_another_model_is_refused(tmp_path):
     ck = load_checkpoint(state.save(tmp_path / "ck"))
     with pytest.raises(CheckpointError, match="another model"):
         _train(_cfg(**{"train.epochs": 2, "model.name": "resnet18"}), resume=ck)
+
+
+def test_speedup_spread_is_the_range_of_the_rounds_ratios():
+    from prunevision.metrics import format_speedup, speedup
+
+    dense = {"median_ms": 4.0, "round_medians_ms": [4.0, 4.4, 3.6, 4.0, 4.0]}
+    pruned = {"median_ms": 2.0, "round_medians_ms": [2.0, 2.0, 2.0, 1.6, 2.5]}
+    s = speedup(dense, pruned)
+    assert s["median"] == 2.0 and s["rounds"] == 5
+    assert s["lo"] == pytest.approx(1.6) and s["hi"] == pytest.approx(2.5)
+    assert format_speedup(s["median"], s["lo"], s["hi"]) == "2.00× (1.60–2.50)"
+    assert format_speedup(2.0) == "2.00×"
+    # results without rounds (older files): the median alone
+    assert speedup({"median_ms": 3.0}, {"median_ms": 1.5}) == {"median": 2.0, "lo": 2.0, "hi": 2.0, "rounds": 0}
+
+
+def test_interleaved_timing_records_each_rounds_median():
+    import time
+
+    from prunevision.measure import _interleaved
+
+    res = _interleaved({"slow": lambda: time.sleep(0.002), "fast": lambda: None}, runs=10, warmup=1, rounds=5)
+    for r in res.values():
+        assert len(r["round_medians_ms"]) == 5 and r["runs"] == 10
+    assert min(res["slow"]["round_medians_ms"]) > max(res["fast"]["round_medians_ms"])
