@@ -341,13 +341,51 @@ def load_config(
     return from_dict(data, overrides=overrides or {})
 
 
+MAX_YAML_VALUES = 100_000  # what a config or sweep file may expand to, aliases included
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (the later one would win
+    silently) and a document whose aliases expand past MAX_YAML_VALUES values (a 'billion laughs'
+    file is a few hundred bytes and expands to billions)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} given twice (line {seen[key] + 1} and line "
+                        f"{key_node.start_mark.line + 1})", key_node.start_mark)
+                seen[key] = key_node.start_mark.line
+            except TypeError:  # an unhashable key: SafeLoader says so itself
+                pass
+        return super().construct_mapping(node, deep=deep)
+
+
+def _expanded_size(obj: Any, limit: int) -> int:
+    """How many values ``obj`` holds once its shared parts (YAML aliases) are counted each time they
+    appear; stops counting past ``limit``."""
+    count, stack = 0, [obj]
+    while stack and count <= limit:
+        o = stack.pop()
+        count += 1
+        if isinstance(o, dict):
+            stack.extend(o.keys())
+            stack.extend(o.values())
+        elif isinstance(o, (list, tuple)):
+            stack.extend(o)
+    return count
+
+
 def read_yaml_mapping(path: str | Path, what: str, error: type[ConfigError] = ConfigError) -> dict[str, Any]:
     """A YAML file that holds a mapping (empty file: empty mapping); problems as one-line errors."""
     p = Path(path)
     if not p.is_file():
         raise error(f"{what} not found: {p}")
     try:
-        loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        loaded = yaml.load(p.read_text(encoding="utf-8"), Loader=_StrictLoader)  # noqa: S506  (safe + strict)
     except yaml.YAMLError as e:
         raise error(f"{what} {p} is not valid YAML: {_one_line(e)}") from None
     except UnicodeDecodeError as e:
@@ -360,6 +398,8 @@ def read_yaml_mapping(path: str | Path, what: str, error: type[ConfigError] = Co
         loaded = {}
     if not isinstance(loaded, dict):
         raise error(f"{what} {p} must hold a mapping at the top level")
+    if _expanded_size(loaded, MAX_YAML_VALUES) > MAX_YAML_VALUES:
+        raise error(f"{what} {p} expands to more than {MAX_YAML_VALUES} values (YAML aliases): not a config")
     return loaded
 
 

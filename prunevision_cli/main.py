@@ -9,6 +9,7 @@ from pathlib import Path
 
 from prunevision.cliargs import add_set_argument
 from prunevision.config import ConfigError, ExperimentConfig, load_config, parse_overrides
+from prunevision.metrics import format_speedup
 
 # Tiny data and one short epoch: every entry point runs in CI in seconds.
 SMOKE_OVERRIDES = {
@@ -240,7 +241,9 @@ def print_summary(metrics: dict, out: Path) -> None:
         line += (f" (dense {metrics['accuracy_dense']:.4f}), param sparsity {metrics['param_sparsity']:.1%}, "
                  f"MACs reduced {metrics['macs_reduction']:.2f}x")
     if "latency_speedup" in metrics:
-        line += f", ONNX Runtime CPU batch-1 speed-up {metrics['latency_speedup']:.2f}x"
+        sp = format_speedup(metrics["latency_speedup"], metrics.get("latency_speedup_lo"),
+                            metrics.get("latency_speedup_hi"))
+        line += f", ONNX Runtime CPU batch-1 speed-up {sp}"
     print(line)
     files = [f for f in ("metrics.json", "model.onnx", "dense.onnx", "pruned.safetensors", "checkpoint.pt",
                          "config.yaml", "gate_histogram.png", "gate_histograms_over_training.png",

@@ -82,6 +82,27 @@ def test_files_that_are_not_utf8_are_refused(tmp_path):
         load_sweep(bad)
 
 
+def test_a_key_given_twice_and_an_alias_bomb_are_refused(tmp_path):
+    """A key given twice would let the later one win unseen; nine levels of nine aliases are 400
+    bytes that expand to 387 million values. Both stop at once, config and sweep file alike."""
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("model:\n  name: small_cnn\ntrain: {epochs: 1}\nmodel:\n  name: resnet18\n")
+    with pytest.raises(ConfigError, match=r"key 'model' given twice \(line 1 and line 4\)"):
+        load_config(twice)
+    bomb = tmp_path / "bomb.yaml"
+    levels = ["a: &a [x, x, x, x, x, x, x, x, x]"] + [
+        f"{b}: &{b} [{', '.join(['*' + a] * 9)}]" for a, b in zip("abcdefgh", "bcdefghi")]
+    bomb.write_text("\n".join(levels) + "\n")
+    with pytest.raises(ConfigError, match="expands to more than 100000 values"):
+        load_config(bomb)
+    with pytest.raises(SweepError, match="expands to more than 100000 values"):
+        load_sweep(bomb)
+    shared = tmp_path / "shared.yaml"  # aliases within reason stay usable
+    shared.write_text("x: &t {epochs: 1}\ntrain: *t\nmodel: {name: small_cnn}\ndata: {name: synthetic}\n")
+    with pytest.raises(ConfigError, match="unknown config key 'x'"):
+        load_config(shared)
+
+
 def _cli(*args: str) -> tuple[int, str, float]:
     t0 = time.perf_counter()
     r = subprocess.run([str(PROG), *args], capture_output=True, text=True, timeout=120)
