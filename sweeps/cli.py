@@ -104,6 +104,10 @@ def print_summary(s: dict) -> None:
     for head, line in zip(("MLflow:", ""), mlflow_hint(s["tracking_uri"], s["experiment_id"], s.get("experiment"),
                                                      s["parent_run_id"])):
         print(f"{head:<10}{line}")
+    if s.get("mlflow_unsent"):
+        print(f"{'':<10}{s['mlflow_unsent']} MLflow operation(s) could not be sent (the server was unreachable); "
+              "they wait in the trials' final checkpoints (mlflow_pending.jsonl) and go out with "
+              f"`prunevision sweep resume {s['sweep_dir']}`")
 
 
 def console_command(name: str) -> str:

@@ -31,13 +31,16 @@ from sweeps.folder import (  # noqa: F401  (re-exported: the names callers know 
 )
 from sweeps.spec import SweepError, SweepSpec, spec_summary
 from sweeps.tracking import (
+    PENDING_FILE,
     check_reachable,
     client,
     experiment_id,
     experiment_name,
     git_commit,
     parent_run,
+    read_ops,
     resolve_tracking_uri,
+    send_carried,
 )
 
 
@@ -346,10 +349,11 @@ def resume_sweep(sweep_dir: str | Path, address: str | None = None, num_cpus: in
     with driver_lock(state["sweep_dir"]):
         spec = _spec_from_state(state)
         remaining = _prepare_resume(state)  # None: Ray never started a trial, so start afresh
-        if remaining == 0:
+        if remaining == 0:  # finished: only what MLflow has not had yet is left to do
+            unsent = send_carried(state["settings"], _carried_in_folder(state["sweep_dir"]))
             summary = sweep_status(state["sweep_dir"])
             _close_parent(state, "FINISHED")
-            return dict(summary, errors=0, interrupted=False)
+            return dict(summary, errors=0, interrupted=False, mlflow_unsent=unsent)
         return _run(state, spec, address, num_cpus, num_samples=remaining)
 
 
@@ -476,9 +480,44 @@ def driver_lock(sweep_dir: str | Path):
 def finish(state: dict[str, Any], results) -> dict[str, Any]:
     summary = sweep_status(state["sweep_dir"])
     done, total = _progress(state)
-    summary.update(errors=len(results.errors), done=done, total=total, interrupted=done < total)
+    summary.update(errors=len(results.errors), done=done, total=total, interrupted=done < total,
+                   mlflow_unsent=_send_carried(state, results))
     _close_parent(state, "KILLED" if summary["interrupted"] else "FINISHED")
     return summary
+
+
+def _carried_in_folder(sweep_dir: str | Path) -> list[tuple[str, str, Path]]:
+    """(trial id, name, newest checkpoint) of the trials in a local sweep folder whose newest
+    checkpoint carries operations MLflow has not had."""
+    found = []
+    for result in sorted(Path(sweep_dir).glob("*/result.json")):
+        ckpts = sorted(result.parent.glob("checkpoint_*"), key=lambda p: p.name)
+        if not ckpts or not (ckpts[-1] / PENDING_FILE).is_file():
+            continue
+        last = last_result(result)
+        tid = str((last.get("config") or {}).get(MLFLOW_TRIAL_KEY) or last.get("trial_id") or result.parent.name)
+        found.append((tid, f"sweep_trial_{tid}", ckpts[-1]))
+    return found
+
+
+def _send_carried(state: dict[str, Any], results) -> int:
+    """What finished trials could not send to MLflow rides in their final checkpoints: the driver
+    sends it now (the server may be back, or reachable from here). Returns how many operations are
+    still unsent; on remote storage the checkpoints are not read (their count is in the results)."""
+    found, remote = [], 0
+    for r in results:
+        ck = getattr(r, "checkpoint", None)
+        if ck is None:
+            continue
+        if type(ck.filesystem).__name__ != "LocalFileSystem":
+            remote += int((r.metrics or {}).get("mlflow_unsent") or 0)
+            continue
+        tid = str((r.config or {}).get(MLFLOW_TRIAL_KEY) or (r.metrics or {}).get("trial_id"))
+        found.append((tid, f"sweep_trial_{tid}", Path(ck.path)))
+    try:
+        return send_carried(state["settings"], found) + remote
+    except Exception:  # never the reason a finished sweep fails
+        return sum(len(read_ops(d / PENDING_FILE)) for *_, d in found) + remote
 
 
 def sweep_status(sweep_dir: str | Path) -> dict[str, Any]:

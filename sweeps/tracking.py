@@ -3,7 +3,10 @@
 Trials log from inside the trial (they may run on other nodes), through
 :class:`TrialLogger`, which retries when the tracking server blinks and writes what it could
 not send to ``mlflow_pending.jsonl`` in the trial folder, sending it with the next call that
-gets through. A trial never fails because of MLflow.
+gets through. A trial never fails because of MLflow. What is still unsent travels in every
+checkpoint the trial reports (:meth:`TrialLogger.carry`), so a node that dies while the server is
+down loses nothing: the restarted attempt sends it first (:meth:`TrialLogger.adopt`), and what a
+finished trial could not send the driver sends at the end of the sweep (:func:`send_carried`).
 
 With ``mlflow.log_models`` each trial's pruned model becomes an MLflow logged model (ONNX flavour)
 linked to its run and final metrics, and every trial records the dataset it used
@@ -25,9 +28,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from prunevision.fsutil import atomic_write
 from sweeps.spec import SweepError
 
 TRIAL_TAG = "prunevision.trial_id"
+PENDING_FILE = "mlflow_pending.jsonl"
 SWEEP_TAG = "prunevision.sweep_dir"
 DEFAULT_EXPERIMENT = "prunevision"
 # MLflow 3's UI shows an experiment of this kind as model training (runs, logged models), not GenAI
@@ -183,7 +188,7 @@ class TrialLogger:
                  retries: int = 6, backoff: float = 0.5, sleep: Callable[[float], None] = time.sleep):
         self.uri, self.exp_id, self.parent_id = uri, exp_id, parent_id
         self.trial_id, self.trial_name = trial_id, trial_name
-        self.pending_path = Path(trial_dir) / "mlflow_pending.jsonl"
+        self.pending_path = Path(trial_dir) / PENDING_FILE
         self.retries, self.backoff, self.sleep = retries, backoff, sleep
         self.run_id: str | None = None
         self.logged_upto = 0  # epochs the child run already holds (a restarted or resumed trial)
@@ -220,14 +225,46 @@ class TrialLogger:
         return self.unsent()
 
     def unsent(self) -> int:
-        if not self.pending_path.exists():
+        return len(self._read_pending())
+
+    def flush(self) -> int:
+        """Try to send what is pending; returns how many operations are still unsent."""
+        self._do(None)
+        return self.unsent()
+
+    def carry(self, folder: str | Path, outputs: str | Path | None = None) -> int:
+        """Put what is still unsent into ``folder``, a checkpoint about to be reported, so that it
+        outlives this node (an empty queue leaves no file there). Files an operation uploads from
+        under ``outputs`` (the trial's outputs, which the final checkpoint is) are also named relative
+        to it, for a reader that has only the checkpoint. Returns how many operations it carries."""
+        ops = self._read_pending()
+        target = Path(folder) / PENDING_FILE
+        if not ops:
+            target.unlink(missing_ok=True)
             return 0
-        return sum(1 for line in self.pending_path.read_text().splitlines() if line.strip())
+        if outputs is not None:
+            for op in ops:
+                if "path" in op and Path(op["path"]).is_relative_to(outputs):
+                    op["in_checkpoint"] = Path(op["path"]).relative_to(outputs).as_posix()
+        _write_ops(target, ops)
+        return len(ops)
+
+    def adopt(self, carried: str | Path) -> int:
+        """Queue the operations an earlier attempt carried in its checkpoint (``carried``, a pending
+        file) ahead of this attempt's own, and try to send them; returns how many are still unsent.
+        An operation that did reach the server before is not repeated: metrics of epochs the run
+        holds are skipped, params it has are not sent again."""
+        old = read_ops(Path(carried))
+        if not old:
+            return self.unsent()
+        mine = self._read_pending()
+        _write_ops(self.pending_path, old + [op for op in mine if op not in old])
+        return self.flush()
 
     # -- machinery -----------------------------------------------------------------------
-    def _do(self, op: dict[str, Any]) -> None:
+    def _do(self, op: dict[str, Any] | None) -> None:
         pending = self._read_pending()
-        queue = pending + [op]
+        queue = pending + ([op] if op is not None else [])
         sent = 0
         for item in queue:
             if not self._send_with_retry(item, quick=bool(pending) and item is not op):
@@ -235,14 +272,17 @@ class TrialLogger:
             sent += 1
         rest = queue[sent:]
         if rest:
-            self.pending_path.write_text("".join(json.dumps(x) + "\n" for x in rest))
+            _write_ops(self.pending_path, rest)
         elif self.pending_path.exists():
             self.pending_path.unlink()
 
     def _read_pending(self) -> list[dict[str, Any]]:
-        if not self.pending_path.exists():
-            return []
-        return [json.loads(line) for line in self.pending_path.read_text().splitlines() if line.strip()]
+        ops = read_ops(self.pending_path)
+        for op in ops:  # read from a checkpoint: the files it uploads are in that checkpoint
+            rel = op.get("in_checkpoint")
+            if rel and not Path(op["path"]).exists() and (self.pending_path.parent / rel).exists():
+                op["path"] = str(self.pending_path.parent / rel)
+        return ops
 
     def _send_with_retry(self, op: dict[str, Any], quick: bool = False) -> bool:
         delay = self.backoff
@@ -340,6 +380,45 @@ class TrialLogger:
                                   signature=_onnx_signature(onnx_model),
                                   # the flavour's own requirements: inferring them costs a subprocess (2 s)
                                   pip_requirements=mlflow.onnx.get_default_pip_requirements())
+
+
+def read_ops(path: Path) -> list[dict[str, Any]]:
+    """The operations in a pending file; a line that is not a JSON object (a torn write) is skipped."""
+    try:
+        lines = path.read_text().splitlines()
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    ops = []
+    for line in lines:
+        try:
+            op = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(op, dict) and isinstance(op.get("op"), str):
+            ops.append(op)
+    return ops
+
+
+def _write_ops(path: Path, ops: list[dict[str, Any]]) -> None:
+    atomic_write(path, "".join(json.dumps(x) + "\n" for x in ops))
+
+
+def send_carried(settings: dict[str, Any], checkpoints: list[tuple[str, str, Path]],
+                 log: Callable[[str], None] | None = None) -> int:
+    """Send what finished trials could not send to MLflow, from the pending files their final
+    checkpoints carry: ``checkpoints`` holds (trial id, trial name, checkpoint folder) on a local
+    filesystem. Returns how many operations are still unsent (they stay in the checkpoints)."""
+    left = 0
+    for trial_id, name, folder in checkpoints:
+        if not (Path(folder) / PENDING_FILE).is_file():
+            continue
+        logger = TrialLogger(settings["tracking_uri"], settings["experiment_id"], settings["parent_run_id"],
+                             trial_id, name, Path(folder), retries=2)
+        n = logger.flush()
+        if log:
+            log(f"MLflow: trial {trial_id}: {'sent what it could not send' if n == 0 else f'{n} operation(s) unsent'}")
+        left += n
+    return left
 
 
 @contextmanager

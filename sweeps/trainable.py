@@ -25,7 +25,7 @@ from prunevision.pipeline import run_training
 from sweeps.folder import FINAL_KEY, MLFLOW_TRIAL_KEY, RESUME_KEY, interrupted_checkpoint
 from sweeps.placement import current_placement
 from sweeps.spec import scalar_score
-from sweeps.tracking import TrialLogger, dataset_record
+from sweeps.tracking import PENDING_FILE, TrialLogger, dataset_record
 
 
 def sweep_trial(config: dict[str, Any], *, base: dict[str, Any], settings: dict[str, Any]) -> None:
@@ -58,6 +58,8 @@ def sweep_trial(config: dict[str, Any], *, base: dict[str, Any], settings: dict[
     if ckpt is not None:
         with ckpt.as_directory() as d:
             resume = resume_from(Path(d) / "checkpoint.pt")
+            # what the attempt before could not send to MLflow (its node may be gone): sent first
+            logger.adopt(Path(d) / PENDING_FILE)
     elif config.get(RESUME_KEY) and settings.get("sweep_dir"):
         prior = interrupted_checkpoint(settings["sweep_dir"], config[RESUME_KEY])
         if prior is not None:
@@ -70,6 +72,7 @@ def sweep_trial(config: dict[str, Any], *, base: dict[str, Any], settings: dict[
         logger.log_metrics(metrics, step=record["epoch"])
         with tempfile.TemporaryDirectory() as tmp:
             save(Path(tmp) / "checkpoint.pt")
+            logger.carry(tmp)  # what MLflow has not had yet outlives this node
             tune.report(dict(metrics, span={"started_at": started_at}), checkpoint=tune.Checkpoint.from_directory(tmp))
 
     try:
@@ -97,4 +100,5 @@ def sweep_trial(config: dict[str, Any], *, base: dict[str, Any], settings: dict[
     # storage as its final checkpoint: the one place Ray persists reliably on any node.
     if resume is not None:
         resume.unlink(missing_ok=True)
+    logger.carry(out, outputs=out)  # the driver sends it at the end of the sweep
     tune.report(final, checkpoint=tune.Checkpoint.from_directory(out))

@@ -129,3 +129,80 @@ def test_dataset_digest_follows_the_files_and_the_selection(tmp_path):
     (tree / "train" / "rose").mkdir(parents=True)
     folder = dataset_record({"name": "imagefolder", "root": str(tree)}, 0, dict(used, name="imagefolder"))
     assert folder["name"] == "imagefolder:flowers"
+
+
+def _unreachable_uri() -> str:
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def test_unsent_operations_outlive_the_node_in_its_checkpoint(tmp_path, store, monkeypatch):
+    """The server is down while a trial runs two epochs; its node dies after the checkpoint. The
+    restarted attempt (another node: another folder) adopts what the checkpoint carried and sends it
+    first; adopting a stale copy again repeats nothing: one point per epoch."""
+    from sweeps.tracking import PENDING_FILE
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    uri, c, exp, parent = store
+    node1, ckpt, node2 = tmp_path / "node1", tmp_path / "ckpt", tmp_path / "node2"
+    for d in (node1, ckpt, node2):
+        d.mkdir()
+    down = TrialLogger(_unreachable_uri(), exp, parent, "t-node", "sweep_trial_t-node", node1, retries=1,
+                       backoff=0.01)
+    down.start({"a": 1})
+    for epoch in (1, 2):
+        down.log_metrics({"epoch": epoch, "val_accuracy": 0.1 * epoch}, step=epoch)
+    assert down.carry(ckpt) == 3 and (ckpt / PENDING_FILE).is_file()
+    # the node dies: node1's folder is gone with it
+    (node1 / PENDING_FILE).unlink()
+    again = TrialLogger(uri, exp, parent, "t-node", "sweep_trial_t-node", node2)
+    assert again.adopt(ckpt / PENDING_FILE) == 0 and not (node2 / PENDING_FILE).exists()
+    again.log_metrics({"epoch": 3, "val_accuracy": 0.3}, step=3)
+    assert again.carry(ckpt) == 0 and not (ckpt / PENDING_FILE).exists()  # nothing left to carry
+    stale = tmp_path / "stale.jsonl"
+    stale.write_text("".join(json.dumps({"op": "metrics", "metrics": {"epoch": e, "val_accuracy": 0.1 * e},
+                                         "step": e, "ts": 1}) + "\n" for e in (1, 2)) + "{torn")
+    (tmp_path / "node3").mkdir()
+    third = TrialLogger(uri, exp, parent, "t-node", "sweep_trial_t-node", tmp_path / "node3")
+    assert third.adopt(stale) == 0  # a torn last line is skipped, not fatal
+    run = c.get_run(again.run_id)
+    assert run.data.params["a"] == "1"
+    hist = sorted((m.step, m.value) for m in c.get_metric_history(again.run_id, "val_accuracy"))
+    assert hist == [(1, pytest.approx(0.1)), (2, pytest.approx(0.2)), (3, pytest.approx(0.3))]
+
+
+def test_a_final_checkpoint_carries_its_uploads_for_the_driver(tmp_path, store, monkeypatch):
+    """A trial ends while the server is down: its final checkpoint (the outputs folder) carries the
+    unsent operations, with the files they upload named inside it; the driver, which only has the
+    checkpoint, sends them (send_carried) and the pending file goes."""
+    from sweeps.tracking import PENDING_FILE, send_carried
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    uri, c, exp, parent = store
+    trial, final = tmp_path / "trial", tmp_path / "trial" / "artifacts"
+    final.mkdir(parents=True)
+    (final / "metrics.json").write_text('{"accuracy": 0.5}')
+    down = TrialLogger(_unreachable_uri(), exp, parent, "t-final", "sweep_trial_t-final", trial, retries=1,
+                       backoff=0.01)
+    down.log_metrics({"accuracy": 0.5}, step=5)
+    down.log_artifact(final / "metrics.json")
+    assert down.finish() == 3
+    assert down.carry(final, outputs=final) == 3
+    stored = tmp_path / "storage" / "checkpoint_000005"  # what Ray persisted, elsewhere
+    stored.mkdir(parents=True)
+    for f in final.iterdir():
+        (stored / f.name).write_bytes(f.read_bytes())
+    import shutil
+
+    shutil.rmtree(trial)  # the trial's node folder is gone
+    settings = {"tracking_uri": uri, "experiment_id": exp, "parent_run_id": parent}
+    assert send_carried(settings, [("t-final", "sweep_trial_t-final", stored)]) == 0
+    assert not (stored / PENDING_FILE).exists()
+    kid = [r for r in c.search_runs([exp]) if r.data.tags.get("prunevision.trial_id") == "t-final"]
+    assert len(kid) == 1 and kid[0].data.metrics["accuracy"] == 0.5 and kid[0].info.status == "FINISHED"
+    assert [a.path for a in c.list_artifacts(kid[0].info.run_id)] == ["metrics.json"]
