@@ -19,6 +19,10 @@ import pytest
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 PORTS = (6390, 8265, 10001, 5055, 52365, 52400, 52401, 52402, 52403)
+# failures of Ray's own start-up, not ours: psutil.ZombieProcess (a process Ray scanned had just
+# exited; no module of ours uses psutil), seen once in about six runs here, and the Ray Client proxy's
+# per-client server exiting before it answered, seen once, in CI on 2026-11-22
+TRANSIENT = ("psutil.ZombieProcess", "Starting Ray client server failed")
 COMMIT = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
 
@@ -82,7 +86,8 @@ def stop(marker: str) -> None:
 def ray_logs(out: Path) -> str:
     """The end of the agents' and job server's logs, for a failure message."""
     tails = []
-    for name in ("dashboard_agent.log", "dashboard_agent.err", "dashboard.log", "raylet.err"):
+    for name in ("dashboard_agent.log", "dashboard_agent.err", "dashboard.log", "raylet.err",
+                 "ray_client_server*.err", "ray_client_server*.out"):
         for f in sorted(out.glob(f"*/session_latest/logs/{name}")):
             tails.append(f"== {f.relative_to(out)}\n" + "\n".join(f.read_text(errors="replace").splitlines()[-15:]))
     return "\n".join(tails)
@@ -127,10 +132,10 @@ def run_block(prepare) -> tuple[subprocess.CompletedProcess, dict, Path, dict]:
 
 def test_the_readme_cluster_recipe_runs_as_written(recipe):
     r, env, out, ports = run_block(recipe)
-    if r.returncode != 0 and "psutil.ZombieProcess" in r.stderr:
-        # seen once in about six runs here: a command of the block ended in psutil.ZombieProcess, a
-        # process that had just exited (no module of ours uses psutil; Ray scans processes): the whole
-        # block once more, from scratch
+    if r.returncode != 0 and any(s in r.stderr for s in TRANSIENT):
+        # Ray's own start-up, not ours, failed: the whole block once more, from scratch; what the first
+        # attempt's logs said goes to the test's output
+        print(f"first attempt: exit {r.returncode}\n{r.stderr[-3000:]}\n{ray_logs(out)}")
         discard(out)
         r, env, out, ports = run_block(recipe)
     mlflow_port = ports[5055]
