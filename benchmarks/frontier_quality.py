@@ -57,6 +57,8 @@ def main() -> int:
     ap.add_argument("--points", type=float, default=2.0, help="allowed accuracy loss, in points")
     ap.add_argument("--out", default="benchmarks/results/frontier_quality.json")
     ap.add_argument("--results-md", default=str(RESULTS_MD), help="where to append the table ('' for nowhere)")
+    ap.add_argument("--resume", help="budget mode: the printed rows (one JSON object a line) of an earlier, "
+                                     "interrupted run with the same settings; the runs it holds are not repeated")
     ap.add_argument("--smoke-test", action="store_true", help="one seed, 1 epoch, 10 runs; appends nothing")
     args = ap.parse_args()
     if args.budgets or (args.smoke_test and not args.sweep_dir):
@@ -139,6 +141,20 @@ def main() -> int:
     return 0
 
 
+def earlier_runs(path: str) -> dict:
+    """The rows an interrupted budget-mode run printed, by (model, budget, method, distill, seed); the
+    other lines of its log are skipped."""
+    found = {}
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            r = json.loads(line)
+            found[r["model"], float(r["budget"]), r["method"], float(r["distill"]), int(r["seed"])] = r
+        except (ValueError, KeyError, TypeError):
+            continue
+    print(f"{path}: {len(found)} earlier runs taken as they are", flush=True)
+    return found
+
+
 def budget_mode(args) -> int:
     from prunevision.config import load_config
     from prunevision.pipeline import run_training
@@ -158,12 +174,16 @@ def budget_mode(args) -> int:
                 "measure.torch_latency": False}
         budgets, seeds, models = budgets[:1], seeds[:1], models[:1]
     variants = [(m, 0.0) for m in methods] + ([("gate", args.distill)] if args.distill > 0 else [])
+    earlier = earlier_runs(args.resume) if args.resume else {}
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         for model in models:
             for budget in budgets:
                 for method, distill in variants:
                     for seed in seeds:
+                        if (model, budget, method, distill, seed) in earlier:
+                            runs.append(earlier[model, budget, method, distill, seed])
+                            continue
                         cfg = load_config(None, {**base, "model.name": model, "prune.method": method, "seed": seed,
                                                  "gates.target_macs": budget, "prune.distill": distill})
                         t0 = time.perf_counter()
