@@ -285,6 +285,9 @@ class MeasureConfig:
             raise ConfigError("measure.latency: ONNX Runtime latency needs measure.export=true")
 
 
+MAX_SEED = 2**31 - 1
+
+
 @dataclass(frozen=True)
 class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -296,6 +299,8 @@ class ExperimentConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        # derived seeds (seed·100003 + epoch, ...) must stay inside the generators' 64-bit range
+        check_range("seed", self.seed, low=0, high=MAX_SEED)
         if self.gates.kind != "sigmoid" and self.prune.threshold is not None:
             raise ConfigError(f"prune.threshold: gates.kind={self.gates.kind} gates are exactly open or closed; "
                               "τ is only for gates.kind=sigmoid")

@@ -118,7 +118,7 @@ class SearchSection(_Section):
     population_size: Optional[int] = None  # NSGA-II only
 
     def __post_init__(self) -> None:
-        check_range("search.seed", self.seed, low=0)
+        check_range("search.seed", self.seed, low=0, high=2**32 - 1)  # numpy's seed range (Optuna's samplers)
         check_range("search.num_samples", self.num_samples, low=1)
         check_range("search.max_concurrent", self.max_concurrent, low=1)
         check_range("search.population_size", self.population_size, low=2, optional=True)

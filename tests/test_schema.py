@@ -27,6 +27,8 @@ PROG = Path(sys.executable).parent / "prunevision"
     ("train.lr=.nan", "train.lr: NaN is not allowed"),
     ("prune.target_sparsity=.inf", "prune.target_sparsity"),
     ("data.image_size=100000", "data.image_size: 100000 is out of range [8, 1024]"),
+    ("seed=100000000000000000000000", "seed: 100000000000000000000000 is out of range [0, 2147483647]"),
+    ("seed=-1", "seed: -1 is out of range [0, 2147483647]"),
 ])
 def test_non_finite_and_huge_values_are_refused(override, needle):
     with pytest.raises(ConfigError) as e:
@@ -51,6 +53,7 @@ def test_non_finite_and_huge_values_are_refused(override, needle):
     ({"failure": 3}, "failure: expected a mapping, got int"),
     ({"failure": {"max_failures": -1}}, "failure.max_failures: -1 is out of range"),
     ({"search": {"num_samples": float("inf")}}, "search.num_samples: expected a whole number, got inf"),
+    ({"search": {"seed": 2**32}}, "search.seed: 4294967296 is out of range [0, 4294967295]"),
     ({"resources": {"cpu": float("nan")}}, "resources.cpu: NaN is not allowed"),
     ({"resources": {"cpu": float("inf")}}, "resources.cpu: inf is not a finite number"),
     ({"resources": {"gpu": float("inf")}}, "resources.gpu: inf is not a finite number"),
