@@ -2,9 +2,9 @@
 baselines trained with the same budget.
 
 Budget mode (``--budgets``, no sweep folder): for every model × budget × method × seed, one whole
-trial (train, prune, fine-tune, measure) with ``gates.target_macs`` set: budgeted gates (and, with
-``--distill``, the same with distillation while fine-tuning) against the structured baselines at the
-pruning ratio that meets the same budget, all with the same epochs; test accuracy on the full test
+trial (train, prune, fine-tune, measure) with ``gates.target_macs`` set: budgeted gates against the
+structured baselines at the pruning ratio that meets the same budget (and, with ``--distill``, every
+method again with distillation while fine-tuning), all with the same epochs; test accuracy on the full test
 set, achieved MACs share and ONNX Runtime CPU speed-up (dense and pruned timed interleaved in the
 trial's own run). A table per budget with mean ± spread over seeds.
 
@@ -47,7 +47,8 @@ def main() -> int:
     ap.add_argument("--budgets", help="budget mode: MACs shares, e.g. 0.5,0.33,0.25")
     ap.add_argument("--models", default="small_cnn")
     ap.add_argument("--methods", default="gate,taylor,l1_structured")
-    ap.add_argument("--distill", type=float, default=0.0, help="budget mode: also gate with prune.distill=X")
+    ap.add_argument("--distill", type=float, default=0.0,
+                    help="budget mode: also every method with prune.distill=X (distillation on/off)")
     ap.add_argument("--data", default="../shared/data/cifar10-jpeg.tar.gz")
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--subset", type=int, default=10000)
@@ -173,7 +174,7 @@ def budget_mode(args) -> int:
                 "measure.batch": 2, "measure.warmup": 2, "measure.exporter": "torchscript",
                 "measure.torch_latency": False}
         budgets, seeds, models = budgets[:1], seeds[:1], models[:1]
-    variants = [(m, 0.0) for m in methods] + ([("gate", args.distill)] if args.distill > 0 else [])
+    variants = [(m, 0.0) for m in methods] + ([(m, args.distill) for m in methods] if args.distill > 0 else [])
     earlier = earlier_runs(args.resume) if args.resume else {}
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
