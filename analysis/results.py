@@ -32,7 +32,9 @@ from sweeps.folder import (  # noqa: F401  (the sweep folder's format; re-export
     STUDY_FILE,
     SweepDataError,
     last_result,
+    ray_statuses,
     read_state,
+    trial_status,
 )
 
 STATUSES = ("complete", "stopped", "error", "running", "pending")
@@ -41,27 +43,6 @@ CONFIG_PREFIX = "config/"
 _RAY_KEYS = {"timestamp", "checkpoint_dir_name", "done", "training_iteration", "trial_id", "date", "time_this_iter_s",
              "time_total_s", "pid", "hostname", "node_ip", "config", "time_since_restore", "iterations_since_restore",
              "node_id", "mlflow_unsent", FINAL_KEY}
-
-
-def _ray_statuses(sweep_dir: Path) -> dict[str, dict[str, Any]]:
-    """trial_id → {status, num_failures, logdir} from Ray's newest experiment state (JSON fields only)."""
-    files = sorted(sweep_dir.glob("experiment_state-*.json"))
-    if not files:
-        return {}
-    try:
-        data = json.loads(files[-1].read_text())
-    except ValueError:
-        return {}
-    out = {}
-    for entry in data.get("trial_data", []):
-        try:
-            meta = json.loads(entry[0]) if isinstance(entry[0], str) else entry[0]
-            run = json.loads(entry[1]) if isinstance(entry[1], str) else entry[1]
-        except (ValueError, IndexError, TypeError):
-            continue
-        out[meta.get("trial_id")] = {"status": meta.get("status"), "logdir": meta.get("relative_logdir"),
-                                     "num_failures": (run or {}).get("num_failures", 0)}
-    return out
 
 
 def trial_outputs(trial_dir: Path) -> Path | None:
@@ -85,7 +66,7 @@ def load_ray(sweep_dir: str | Path) -> pd.DataFrame:
     """Every trial Ray has started in the sweep folder (finished or not)."""
     sweep_dir = Path(sweep_dir)
     read_state(sweep_dir)
-    statuses = _ray_statuses(sweep_dir)
+    statuses = ray_statuses(sweep_dir)
     rows = []
     for params_file in sorted(sweep_dir.glob("*/params.json")):
         tdir = params_file.parent
@@ -95,17 +76,7 @@ def load_ray(sweep_dir: str | Path) -> pd.DataFrame:
             params = {}
         last = last_result(tdir / "result.json")
         tid = last.get("trial_id") or next((k for k, v in statuses.items() if v.get("logdir") == tdir.name), None)
-        ray_status = (statuses.get(tid) or {}).get("status")
-        if last.get(FINAL_KEY):
-            status = "complete"
-        elif ray_status == "ERROR":
-            status = "error"
-        elif ray_status == "TERMINATED":
-            status = "stopped"  # ended by the scheduler before pruning and measurement
-        elif ray_status == "PENDING" and not last:
-            status = "pending"
-        else:
-            status = "running"
+        status = trial_status(last, (statuses.get(tid) or {}).get("status"))
         out = trial_outputs(tdir)
         row = {"trial_id": tid or tdir.name, "status": status, "finished_at": last.get("timestamp", math.nan),
                "epochs_done": last.get("epoch", math.nan),

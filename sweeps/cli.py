@@ -97,8 +97,11 @@ def print_summary(s: dict) -> None:
     print(f"sweep {s['name']}: {states} (Optuna study)")
     for t in s["trials"]:
         objs = ", ".join(f"{k} {v:.4g}" for k, v in t.items()
-                         if k not in ("trial_dir", "trial_id", "final", "epoch") and isinstance(v, (int, float)))
-        print(f"  {t['trial_id']}: {'complete' if t['final'] else 'stopped at epoch ' + str(t['epoch'])}  {objs}")
+                         if k not in ("trial_dir", "trial_id", "status", "final", "epoch")
+                         and isinstance(v, (int, float)) and not isinstance(v, bool))
+        status = t.get("status") or ("complete" if t["final"] else "stopped")
+        where = status if status == "complete" else f"{status} at epoch {t['epoch']}"
+        print(f"  {t['trial_id']}: {where}  {objs}")
     print(f"results:  {s['sweep_dir']}")
     print(f"study:    {dashboard_command(s['sweep_dir'])}")
     for head, line in zip(("MLflow:", ""), mlflow_hint(s["tracking_uri"], s["experiment_id"], s.get("experiment"),

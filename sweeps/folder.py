@@ -38,6 +38,42 @@ def last_result(path: str | Path) -> dict[str, Any]:
     return last
 
 
+def ray_statuses(sweep_dir: Path) -> dict[str, dict[str, Any]]:
+    """trial_id → {status, num_failures, logdir} from Ray's newest experiment state (JSON fields only,
+    never its pickles)."""
+    files = sorted(sweep_dir.glob("experiment_state-*.json"))
+    if not files:
+        return {}
+    try:
+        data = json.loads(files[-1].read_text())
+    except ValueError:
+        return {}
+    out = {}
+    for entry in data.get("trial_data", []):
+        try:
+            meta = json.loads(entry[0]) if isinstance(entry[0], str) else entry[0]
+            run = json.loads(entry[1]) if isinstance(entry[1], str) else entry[1]
+        except (ValueError, IndexError, TypeError):
+            continue
+        out[meta.get("trial_id")] = {"status": meta.get("status"), "logdir": meta.get("relative_logdir"),
+                                     "num_failures": (run or {}).get("num_failures", 0)}
+    return out
+
+
+def trial_status(last: dict[str, Any], ray_status: str | None) -> str:
+    """One of ``complete``, ``error``, ``stopped`` (ended by the scheduler before pruning and
+    measurement), ``pending`` or ``running``: from a trial's last result and Ray's status for it."""
+    if last.get(FINAL_KEY):
+        return "complete"
+    if ray_status == "ERROR":
+        return "error"
+    if ray_status == "TERMINATED":
+        return "stopped"
+    if ray_status == "PENDING" and not last:
+        return "pending"
+    return "running"
+
+
 def interrupted_checkpoint(sweep_dir: str | Path, ray_trial_id: str) -> Path | None:
     """The newest epoch checkpoint (``checkpoint_*/checkpoint.pt``) Ray persisted for a trial that
     ``sweep resume`` moved aside."""

@@ -27,7 +27,9 @@ from sweeps.folder import (  # noqa: F401  (re-exported: the names callers know 
     SweepDataError,
     interrupted_checkpoint,
     last_result,
+    ray_statuses,
     read_state,
+    trial_status,
 )
 from sweeps.spec import SweepError, SweepSpec, spec_summary
 from sweeps.tracking import (
@@ -532,9 +534,11 @@ def sweep_status(sweep_dir: str | Path) -> dict[str, Any]:
             counts[t.state.name] = counts.get(t.state.name, 0) + 1
         study_trials = len(study.trials)
     trials = []
+    statuses = ray_statuses(d)
     for result_file in sorted(d.glob("*/result.json")):
         last = last_result(result_file)
-        trials.append({"trial_dir": str(result_file.parent), "trial_id": last.get("trial_id"),
+        status = trial_status(last, (statuses.get(last.get("trial_id")) or {}).get("status"))
+        trials.append({"trial_dir": str(result_file.parent), "trial_id": last.get("trial_id"), "status": status,
                        "final": bool(last.get(FINAL_KEY)), "epoch": last.get("epoch"),
                        **{k: last.get(k) for k in state["run"]["objectives"]}})
     return {"sweep_dir": str(d), "name": state["name"], "study": str(d / STUDY_FILE), "study_trials": study_trials,

@@ -621,3 +621,7 @@ def test_export_of_a_sweep_whose_trials_all_errored(tmp_path, capsys):
                    "no complete trial", "2 error")
     one_line_error(capsys, main(["analyze", str(d), "--no-mlflow"]), "no complete trial")
     assert not (tmp_path / "m.onnx").exists()
+    # `sweep status` says they errored (it used to call every unfinished trial "stopped")
+    main(["sweep", "status", str(d)])
+    out = capsys.readouterr().out
+    assert "t0: error at epoch 1" in out and "t1: error at epoch 1" in out and "stopped" not in out
