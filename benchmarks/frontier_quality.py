@@ -35,6 +35,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import RESULTS_MD, append_results, machine, md_table, write_raw  # noqa: E402
+from prunevision.cliargs import add_set_argument  # noqa: E402
 
 
 def _count(v: float | None) -> str:
@@ -60,6 +61,7 @@ def main() -> int:
     ap.add_argument("--results-md", default=str(RESULTS_MD), help="where to append the table ('' for nowhere)")
     ap.add_argument("--resume", help="budget mode: the printed rows (one JSON object a line) of an earlier, "
                                      "interrupted run with the same settings; the runs it holds are not repeated")
+    add_set_argument(ap, "budget mode: config keys for every run (e.g. gates.warmup_epochs=3)")
     ap.add_argument("--smoke-test", action="store_true", help="one seed, 1 epoch, 10 runs; appends nothing")
     args = ap.parse_args()
     if args.budgets or (args.smoke_test and not args.sweep_dir):
@@ -157,7 +159,7 @@ def earlier_runs(path: str) -> dict:
 
 
 def budget_mode(args) -> int:
-    from prunevision.config import load_config
+    from prunevision.config import load_config, parse_overrides
     from prunevision.pipeline import run_training
 
     base = {"data.root": args.data, "data.subset": args.subset, "data.test_subset": None, "data.batch_size": 128,
@@ -174,6 +176,7 @@ def budget_mode(args) -> int:
                 "measure.batch": 2, "measure.warmup": 2, "measure.exporter": "torchscript",
                 "measure.torch_latency": False}
         budgets, seeds, models = budgets[:1], seeds[:1], models[:1]
+    base.update(parse_overrides(args.overrides))
     variants = [(m, 0.0) for m in methods] + ([(m, args.distill) for m in methods] if args.distill > 0 else [])
     earlier = earlier_runs(args.resume) if args.resume else {}
     runs = []
