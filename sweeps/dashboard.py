@@ -23,7 +23,8 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 class _Server(ThreadingMixIn, WSGIServer):
-    daemon_threads = True  # a browser's open connection never holds up the exit
+    daemon_threads = True  # a browser's open connection never holds up the exit,
+    block_on_close = False  # nor server_close(), which would otherwise join every request thread
 
 
 class _Server6(_Server):
@@ -73,15 +74,17 @@ def serve(sweep_dir: str | Path, host: str = DEFAULT_HOST, port: int = DEFAULT_P
     def stop(signum, frame):
         raise KeyboardInterrupt
 
-    main_thread = threading.current_thread() is threading.main_thread()  # signals reach the main thread only
-    previous = signal.signal(signal.SIGTERM, stop) if main_thread else None
+    # signals reach the main thread only. SIGINT gets the handler too: a process started with SIGINT
+    # ignored (a background job of a script, as CI runs it) would otherwise never stop on Ctrl-C.
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
     try:
         httpd.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         httpd.server_close()
     print("dashboard stopped", flush=True)
     return 0
