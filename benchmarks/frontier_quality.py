@@ -14,8 +14,8 @@ trial's own run). A table per budget with mean ± spread over seeds.
 The dense baseline is the sweep's own trial config with the gate penalty off (λ = 0, nothing
 pruned) trained for as many epochs as a trial spends (training + fine-tuning), for each seed
 given. The front's models and the baseline's ONNX file are then timed in one interleaved run
-(ONNX Runtime CPU, batch 1, 1 thread). Target: a front model at least 2× faster than the dense
-baseline within 2 points of its accuracy.
+(ONNX Runtime CPU, batch 1, 1 thread). Target: the front model chosen on validation accuracy among
+those at least 2× faster than the dense baseline is within 2 points of its test accuracy.
 
     make quickstart DATA=../shared/data/cifar10-jpeg.tar.gz
     .venv/bin/python benchmarks/frontier_quality.py prunevision-runs/quickstart-<stamp>
@@ -82,7 +82,9 @@ def main() -> int:
     if done.empty:
         raise SystemExit(f"{args.sweep_dir}: no complete trial with outputs")
     done["rank"] = nondominated_ranks(done, objectives)
-    front = done[done["rank"] == 0].sort_values("accuracy", ascending=False)
+    # chosen on the validation split, reported on the test split (older sweeps without one: test)
+    select = "val_accuracy" if "val_accuracy" in done and done["val_accuracy"].notna().all() else "accuracy"
+    front = done[done["rank"] == 0].sort_values(select, ascending=False)
     base = load_config(Path(front.iloc[0]["output_dir"]) / "config.yaml")
     budget = base.train.epochs + base.prune.finetune_epochs
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -107,20 +109,24 @@ def main() -> int:
         lat = onnx_latency(paths, int(size), batch=1, runs=args.runs, warmup=10, threads=1)
     dense_acc = float(np.mean([b["accuracy"] for b in baselines]))
     dense_ms = lat["dense"]["median_ms"]
-    rows, hits = [], []
-    for _, r in front.iterrows():
+    rows, chosen = [], None
+    for _, r in front.iterrows():  # in order of the selection accuracy
         sp = dense_ms / lat[r["trial_id"]]["median_ms"]
         gap = 100 * (r["accuracy"] - dense_acc)
-        ok = sp >= args.speedup and gap >= -args.points - 1e-9  # accuracies are counts / test images
-        hits += [r["trial_id"]] if ok else []
-        rows.append({"trial": r["trial_id"], "accuracy": f"{100 * r['accuracy']:.2f} %", "vs dense": f"{gap:+.2f} pt",
+        if chosen is None and sp >= args.speedup:  # the most accurate (on validation) fast enough
+            chosen = (r["trial_id"], sp, gap)
+        rows.append({"trial": r["trial_id"], "val accuracy": f"{100 * r[select]:.2f} %",
+                     "test accuracy": f"{100 * r['accuracy']:.2f} %", "vs dense (test)": f"{gap:+.2f} pt",
                      "params removed": f"{100 * r['param_sparsity']:.1f} %",
                      "latency ms": f"{lat[r['trial_id']]['median_ms']:.4f}", "speed-up": f"{sp:.2f}×",
                      "MACs reduction": f"{r.get('macs_reduction', float('nan')):.2f}×",
-                     "target": "**met**" if ok else ""})
+                     "chosen": "yes" if chosen is not None and chosen[0] == r["trial_id"] else ""})
     table = md_table(rows, list(rows[0]))
     print(table)
-    verdict = (f"met by {', '.join(hits)}" if hits else "not met")
+    hits = [chosen[0]] if chosen and chosen[2] >= -args.points - 1e-9 else []  # accuracies: counts / test images
+    verdict = ("no front model is fast enough" if chosen is None else
+               f"{'met' if hits else 'not met'}: {chosen[0]}, chosen on {select.replace('_', ' ')} among those "
+               f"≥ {args.speedup:g}× faster, is {chosen[2]:+.2f} points from dense on the test set at {chosen[1]:.2f}×")
     print(f"dense baseline {100 * dense_acc:.2f} % ({dense_ms:.4f} ms); target: {verdict}")
     res = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "sweep_dir": str(args.sweep_dir),
            "baselines": baselines, "dense_accuracy_mean": dense_acc, "latency": lat, "rows": rows, "target_met": hits}
