@@ -34,6 +34,8 @@ from prunevision.config import ConfigError
 from prunevision.gates import ChannelGate
 from prunevision.prune import GATE_PRUNERS, classifier_head, first_convs, keep_count
 
+BUDGET_TOLERANCE = 0.1  # how near a pruned network's MACs share lands to the budget asked for (relative)
+
 
 class BudgetError(ConfigError):
     """A budget that cannot be met (reported like a configuration error: one line, before training)."""

@@ -4,6 +4,7 @@ same run, export both to verified ONNX, save the pruned model as data."""
 from __future__ import annotations
 
 import copy
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from prunevision.budget import BUDGET_TOLERANCE
 from prunevision.checkpoint import save_pruned
 from prunevision.config import ExperimentConfig
 from prunevision.console import echo
@@ -87,13 +89,16 @@ def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
 
 
 def ratio_for_budget(model: nn.Module, example: torch.Tensor, cfg: ExperimentConfig, calibration,
-                     iterations: int = 12) -> float:
-    """Baselines under a MACs budget: the pruning ratio whose one-shot pruned network keeps
-    ``gates.target_macs`` of the MACs, by bisection on copies of the model."""
+                     iterations: int = 12) -> tuple[float, float | None]:
+    """Baselines under a MACs budget: the smallest pruning ratio whose one-shot pruned network keeps
+    at most ``gates.target_macs`` of the MACs, by bisection on copies of the model; with the MACs
+    share that ratio gives (None when even the largest ratio tried stays over the budget). One
+    ratio for every layer, rounded to ``prune.round_to``, can land well under the budget: the
+    caller says so."""
     p, budget = cfg.prune, cfg.gates.target_macs
     size = example.shape[-1]
     dense = macs_and_params(copy.deepcopy(model).cpu(), size)[0]
-    lo, hi = 0.0, 0.95
+    lo, hi, hi_share = 0.0, 0.95, None
     for _ in range(iterations):
         mid = (lo + hi) / 2
         m = copy.deepcopy(model)
@@ -104,8 +109,8 @@ def ratio_for_budget(model: nn.Module, example: torch.Tensor, cfg: ExperimentCon
         if share > budget:
             lo = mid
         else:
-            hi = mid
-    return hi
+            hi, hi_share = mid, share
+    return hi, hi_share
 
 
 def prune_at_ratios(model: nn.Module, data: Dataset, cfg: ExperimentConfig, out: Path,
@@ -276,10 +281,18 @@ class _PruneRun:
         p, cfg = self.cfg.prune, self.cfg
         target = p.target_sparsity
         if p.method != "gate" and target is None and cfg.gates.target_macs is not None:
+            budget = cfg.gates.target_macs
             with _timed(self.tm, "prune_s"):
-                target = ratio_for_budget(self.pruned, self.example, cfg, calibration_batches(self.data, cfg))
-            if self.log:
-                self.log(f"{p.method}: pruning ratio {target:.3f} meets the MACs budget {cfg.gates.target_macs:g}")
+                target, share = ratio_for_budget(self.pruned, self.example, cfg, calibration_batches(self.data, cfg))
+            if share is None or abs(share / budget - 1) > BUDGET_TOLERANCE:
+                got = f"the nearest under it keeps {share:.3f}" if share is not None else "none gets under it"
+                print(f"prunevision: warning: no single {p.method} pruning ratio meets the MACs budget {budget:g} "
+                      f"within ±{BUDGET_TOLERANCE * 100:g} % ({got}, with prune.round_to {p.round_to}); pruning at "
+                      f"ratio {target:.3f}. Gates (prune.method gate) meet budgets layer by layer",
+                      file=sys.stderr, flush=True)
+            elif self.log:
+                self.log(f"{p.method}: pruning ratio {target:.3f} meets the MACs budget {budget:g} "
+                         f"(keeps {share:.3f})")
         return step_ratio(target, p.steps) if target is not None else 0.0
 
     def _finetune(self, *, penalty: bool, phase: str) -> None:
