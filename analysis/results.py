@@ -33,6 +33,7 @@ from sweeps.folder import (  # noqa: F401  (the sweep folder's format; re-export
     SweepDataError,
     last_result,
     ray_statuses,
+    ray_trial_id,
     read_state,
     trial_status,
 )
@@ -75,7 +76,7 @@ def load_ray(sweep_dir: str | Path) -> pd.DataFrame:
         except ValueError:
             params = {}
         last = last_result(tdir / "result.json")
-        tid = last.get("trial_id") or next((k for k, v in statuses.items() if v.get("logdir") == tdir.name), None)
+        tid = ray_trial_id(last, statuses, tdir)
         status = trial_status(last, (statuses.get(tid) or {}).get("status"))
         out = trial_outputs(tdir)
         row = {"trial_id": tid or tdir.name, "status": status, "finished_at": last.get("timestamp", math.nan),

@@ -99,8 +99,7 @@ def print_summary(s: dict) -> None:
         objs = ", ".join(f"{k} {v:.4g}" for k, v in t.items()
                          if k not in ("trial_dir", "trial_id", "status", "final", "epoch")
                          and isinstance(v, (int, float)) and not isinstance(v, bool))
-        status = t.get("status") or ("complete" if t["final"] else "stopped")
-        where = status if status == "complete" else f"{status} at epoch {t['epoch']}"
+        where = t["status"] if t["status"] == "complete" else f"{t['status']} at epoch {t['epoch']}"
         print(f"  {t['trial_id']}: {where}  {objs}")
     print(f"results:  {s['sweep_dir']}")
     print(f"study:    {dashboard_command(s['sweep_dir'])}")

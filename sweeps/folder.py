@@ -60,6 +60,12 @@ def ray_statuses(sweep_dir: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
+def ray_trial_id(last: dict[str, Any], statuses: dict[str, dict[str, Any]], trial_dir: Path) -> str | None:
+    """A trial folder's Ray trial id: from its last result, else (a trial that reported nothing yet)
+    from Ray's record of the folder (:func:`ray_statuses`)."""
+    return last.get("trial_id") or next((k for k, v in statuses.items() if v.get("logdir") == trial_dir.name), None)
+
+
 def trial_status(last: dict[str, Any], ray_status: str | None) -> str:
     """One of ``complete``, ``error``, ``stopped`` (ended by the scheduler before pruning and
     measurement), ``pending`` or ``running``: from a trial's last result and Ray's status for it."""

@@ -28,6 +28,7 @@ from sweeps.folder import (  # noqa: F401  (re-exported: the names callers know 
     interrupted_checkpoint,
     last_result,
     ray_statuses,
+    ray_trial_id,
     read_state,
     trial_status,
 )
@@ -537,8 +538,9 @@ def sweep_status(sweep_dir: str | Path) -> dict[str, Any]:
     statuses = ray_statuses(d)
     for result_file in sorted(d.glob("*/result.json")):
         last = last_result(result_file)
-        status = trial_status(last, (statuses.get(last.get("trial_id")) or {}).get("status"))
-        trials.append({"trial_dir": str(result_file.parent), "trial_id": last.get("trial_id"), "status": status,
+        tid = ray_trial_id(last, statuses, result_file.parent)
+        status = trial_status(last, (statuses.get(tid) or {}).get("status"))
+        trials.append({"trial_dir": str(result_file.parent), "trial_id": tid, "status": status,
                        "final": bool(last.get(FINAL_KEY)), "epoch": last.get("epoch"),
                        **{k: last.get(k) for k in state["run"]["objectives"]}})
     return {"sweep_dir": str(d), "name": state["name"], "study": str(d / STUDY_FILE), "study_trials": study_trials,
