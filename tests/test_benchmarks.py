@@ -71,6 +71,25 @@ def test_budget_control_benchmark_smoke(tmp_path):
 
 
 @pytest.mark.slow
+def test_gate_decomposition_benchmark_smoke(tmp_path):
+    out = tmp_path / "d.jsonl"
+    args = [str(ROOT / "benchmarks" / "gate_decomposition.py"), "--smoke-test", "--out", str(out)]
+    _run(args, tmp_path)
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    # Taylor and L1 pruned the dense network to exactly the gate run's widths (the script asserts it too)
+    assert row["gate_widths"][-1] == row["uniform_widths"][-1] == 4  # the classifier keeps every class
+    assert row["gate_widths"] != row["uniform_widths"]
+    assert 0.4 <= row["gate_share"] <= 0.6 and 0.4 <= row["uniform_share"] <= 0.55
+    for k in ("gate", "dense", "uniform", "taylor_at_gate_widths", "l1_at_gate_widths"):
+        assert 0 <= row[k] <= 1, k
+    printed = _run(args + ["--variant", "default"], tmp_path)  # the same row is not run twice
+    assert "already" in printed and len(out.read_text().splitlines()) == 1
+    _run(args + ["--variant", "centred", "--no-baselines"], tmp_path)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["variant"] for r in rows] == ["default", "centred"] and "uniform" not in rows[1]
+
+
+@pytest.mark.slow
 def test_int8_benchmark_smoke(tmp_path):
     out = tmp_path / "int8.json"
     md = tmp_path / "RESULTS.md"
