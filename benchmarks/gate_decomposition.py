@@ -19,6 +19,8 @@ options of the library):
     centred_global each layer's score gradient minus its mean, then the global RMS
     warmup_frozen  scores do not move during the dense warm-up
     hold_frozen    scores and the budget's projections stop once the final budget is in force
+    masked_1_in_4  after the warm-up the gates apply on one step in four (and only those steps move the
+                   scores); the other steps train the whole network, which is pruned at the end
 
     .venv/bin/python benchmarks/gate_decomposition.py --budgets 0.5,0.7 --seeds 0,1,2 \
         --data ../shared/data/cifar10-jpeg.tar.gz --out benchmarks/results/gate_decomposition.jsonl
@@ -43,7 +45,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from prunevision.cliargs import add_set_argument  # noqa: E402
 
-VARIANTS = ("default", "layer_rms", "centred", "centred_global", "warmup_frozen", "hold_frozen")
+VARIANTS = ("default", "layer_rms", "centred", "centred_global", "warmup_frozen", "hold_frozen", "masked_1_in_4")
+
+
+_BYPASS = [False]  # masked_1_in_4: the next forward pass runs the whole network
+
+
+def _bypassable_gates():
+    """Let masked_1_in_4 switch every gate off for a step (this process only)."""
+    from prunevision import gates
+
+    for cls in (gates.ChannelGate, gates.GateMirror):
+        forward = cls.forward
+        cls.forward = lambda self, x, _f=forward: x if _BYPASS[0] else _f(self, x)
 
 
 def _optimizer_variant(variant: str, steps_per_epoch: int, warmup_epochs: float, in_force_epochs: float):
@@ -56,6 +70,10 @@ def _optimizer_variant(variant: str, steps_per_epoch: int, warmup_epochs: float,
     class Variant(NormalizedSGD):
         def step(self, closure=None):
             self.n_steps = getattr(self, "n_steps", 0) + 1
+            if variant == "masked_1_in_4":
+                was_whole = _BYPASS[0]  # this step's forward pass ran without gates: nothing to learn
+                _BYPASS[0] = self.n_steps >= warmup_epochs * steps_per_epoch and self.n_steps % 4 != 0
+                return None if was_whole else super().step(closure)
             if variant == "warmup_frozen" and self.n_steps <= warmup_epochs * steps_per_epoch:
                 return None
             if variant == "hold_frozen" and self.n_steps > in_force_epochs * steps_per_epoch:
@@ -123,12 +141,15 @@ def one(budget: float, seed: int, variant: str, base: dict, baselines: bool) -> 
     original = train_mod.NormalizedSGD
     train_mod.NormalizedSGD = _optimizer_variant(variant, steps, budget_warmup(cfg.gates, cfg.train.epochs),
                                                  budget_in_force(cfg.gates, cfg.train.epochs))
+    if variant == "masked_1_in_4":
+        _bypassable_gates()
     t0 = time.perf_counter()
     try:
         model = build_gated_model(cfg.model, cfg.gates, data.num_classes, data.image_size)
         fit(model, data, cfg)
     finally:
         train_mod.NormalizedSGD = original
+        _BYPASS[0] = False
     example = torch.zeros(1, 3, data.image_size, data.image_size)
     prune_step(model, example, "gate", threshold=cfg.tau, ratio=0.0, round_to=cfg.prune.round_to,
                min_channels=cfg.prune.min_channels)
