@@ -56,8 +56,11 @@ def _bypassable_gates():
     from prunevision import gates
 
     for cls in (gates.ChannelGate, gates.GateMirror):
+        if getattr(cls.forward, "bypassable", False):
+            continue  # wrapped by an earlier run in this process
         forward = cls.forward
         cls.forward = lambda self, x, _f=forward: x if _BYPASS[0] else _f(self, x)
+        cls.forward.bypassable = True
 
 
 def _optimizer_variant(variant: str, steps_per_epoch: int, warmup_epochs: float, in_force_epochs: float):
@@ -114,6 +117,7 @@ def one(budget: float, seed: int, variant: str, base: dict, baselines: bool) -> 
     from torch import nn
 
     import prunevision.train as train_mod
+    from prunevision.budget import BudgetController
     from prunevision.config import load_config
     from prunevision.data import DeviceLoader, load_dataset
     from prunevision.measure import macs_and_params
@@ -138,7 +142,7 @@ def one(budget: float, seed: int, variant: str, base: dict, baselines: bool) -> 
     data = load_dataset(cfg.data, seed=seed)
     cfg = resolve_config(cfg, data)
     steps = len(DeviceLoader(data.train_x, data.train_y, cfg.data.batch_size, data.mean, data.std, train=True))
-    original = train_mod.NormalizedSGD
+    original, follow = train_mod.NormalizedSGD, BudgetController.follow
     train_mod.NormalizedSGD = _optimizer_variant(variant, steps, budget_warmup(cfg.gates, cfg.train.epochs),
                                                  budget_in_force(cfg.gates, cfg.train.epochs))
     if variant == "masked_1_in_4":
@@ -148,7 +152,7 @@ def one(budget: float, seed: int, variant: str, base: dict, baselines: bool) -> 
         model = build_gated_model(cfg.model, cfg.gates, data.num_classes, data.image_size)
         fit(model, data, cfg)
     finally:
-        train_mod.NormalizedSGD = original
+        train_mod.NormalizedSGD, BudgetController.follow = original, follow  # hold_frozen disables follow
         _BYPASS[0] = False
     example = torch.zeros(1, 3, data.image_size, data.image_size)
     prune_step(model, example, "gate", threshold=cfg.tau, ratio=0.0, round_to=cfg.prune.round_to,
