@@ -80,3 +80,16 @@ def write_raw(path: str | Path, base: dict, runs: list[dict]) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "machine": machine(), "base": base,
                                       "runs": runs}, indent=2, default=str))
+
+
+def run_main(main) -> int:
+    """Run a benchmark's ``main``: a configuration or dataset problem (a missing or corrupt dataset, an
+    unknown key, a value out of range) is one line on stderr and exit status 2, not a traceback."""
+    from prunevision.config import ConfigError
+    from prunevision.data import DatasetError
+
+    try:
+        return main()
+    except (ConfigError, DatasetError) as e:
+        print(f"{Path(sys.argv[0]).name}: error: {e}", file=sys.stderr)
+        return 2

@@ -34,7 +34,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import RESULTS_MD, append_results, machine, md_table, write_raw  # noqa: E402
+from benchmarks.common import RESULTS_MD, append_results, machine, md_table, run_main, write_raw  # noqa: E402
 from prunevision.cliargs import add_set_argument  # noqa: E402
 
 
@@ -239,4 +239,4 @@ def budget_mode(args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -6,7 +6,8 @@ For each budget and seed, in one process:
 1. a budgeted gate run (``gates.target_macs``), pruned, fine-tuned: its layer widths and test accuracy;
 2. the same network trained dense for the same epochs (the baselines' starting point), then pruned
    one-shot and fine-tuned for the same epoch three ways: Taylor at the one ratio that meets the budget
-   (what ``prune.method=taylor`` does), and Taylor and L1 at the *gate run's layer widths*.
+   (what ``prune.method=taylor`` does), L1 at its own one ratio (``prune.method=l1_structured``), and
+   Taylor and L1 at the *gate run's layer widths*.
 
 Taylor at the gates' widths against Taylor at one ratio is the cost of the gates' structure; the gate run
 against Taylor at its own widths is the cost of learning it while training. ``--variant`` changes how the
@@ -21,6 +22,11 @@ options of the library):
     hold_frozen    scores and the budget's projections stop once the final budget is in force
     masked_1_in_4  after the warm-up the gates apply on one step in four (and only those steps move the
                    scores); the other steps train the whole network, which is pruned at the end
+    fisher         scores are not learned by gradient: each open gate keeps a running mean of its squared
+                   task gradient (a Fisher / second-order Taylor estimate of what closing it costs, which
+                   a BatchNorm after it does not cancel, unlike the signed gradient), and at every
+                   projection the scores are set to log(that estimate / the channel's marginal MACs) and
+                   shifted onto the budget in force; a closed gate keeps the estimate it had when open
 
     .venv/bin/python benchmarks/gate_decomposition.py --budgets 0.5,0.7 --seeds 0,1,2 \
         --data ../shared/data/cifar10-jpeg.tar.gz --out benchmarks/results/gate_decomposition.jsonl
@@ -34,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import sys
 import time
@@ -43,9 +50,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import run_main  # noqa: E402
 from prunevision.cliargs import add_set_argument  # noqa: E402
 
-VARIANTS = ("default", "layer_rms", "centred", "centred_global", "warmup_frozen", "hold_frozen", "masked_1_in_4")
+VARIANTS = ("default", "layer_rms", "centred", "centred_global", "warmup_frozen", "hold_frozen", "masked_1_in_4",
+            "fisher")
 
 
 _BYPASS = [False]  # masked_1_in_4: the next forward pass runs the whole network
@@ -63,6 +72,62 @@ def _bypassable_gates():
         cls.forward.bypassable = True
 
 
+_FISHER: dict = {}  # fisher: id(gate score) -> running mean of the squared task gradient at the gate
+FISHER_BETA, FISHER_SCALE = 0.98, 0.05
+
+
+def _fisher_gates():
+    """Let the fisher variant see each straight-through gate's task gradient (this process only)."""
+    import torch
+
+    from prunevision import gates
+
+    cls = gates.ChannelGate
+    if getattr(cls.forward, "fisher", False):
+        return
+    forward = cls.forward
+
+    def fwd(self, x, _f=forward):
+        if not (_FISHER and self.training and torch.is_grad_enabled() and self.kind == "ste"):
+            return _f(self, x)
+        g = self.values()
+        mean = _FISHER.setdefault(id(self.score), torch.zeros_like(self.score.detach()))
+        is_open = (self.score.detach() > 0).to(mean.dtype)
+
+        def hook(grad):  # the gradient of the task loss at this gate's value (not the budget's)
+            upd = FISHER_BETA * mean + (1 - FISHER_BETA) * grad.detach().float() ** 2
+            mean.copy_(is_open * upd + (1 - is_open) * mean)
+
+        g.register_hook(hook)
+        return x * g.to(x.dtype).view([1, -1] + [1] * (x.dim() - 2))
+
+    cls.forward = fwd
+    cls.forward.fisher = True
+
+
+def _fisher_follow(self, target: float, tolerance: float | None = None):
+    """BudgetController.follow for the fisher variant: scores from the running estimates, then the
+    common shift onto ``target``."""
+    import torch
+
+    macs = self.macs
+    counts = [c.clone().requires_grad_(True) for c in macs._hard_counts()]
+    grads = torch.autograd.grad(macs._macs(counts), counts, allow_unused=True)
+    marginal = {}
+    for g, grad in zip(macs.groups, grads):
+        for gate, _, _ in g.gates:
+            marginal.setdefault(id(gate), max(float(grad) if grad is not None else 0.0, 1.0))
+    with torch.no_grad():
+        gates = [g for g in macs._prunable_gates() if id(g.score) in _FISHER and _FISHER[id(g.score)].any()]
+        if not gates:
+            return macs.project(target)
+        base = {id(g): (_FISHER[id(g.score)] + 1e-30).log() - float(np.log(marginal[id(g)])) for g in gates}
+        centre = torch.cat(list(base.values())).mean()
+        for g in gates:
+            g.score.copy_(FISHER_SCALE * (base[id(g)] - centre))
+    return macs.project(target)
+
+
 def _optimizer_variant(variant: str, steps_per_epoch: int, warmup_epochs: float, in_force_epochs: float):
     """A NormalizedSGD subclass that moves the gate scores the ``variant`` way."""
     import torch
@@ -77,6 +142,8 @@ def _optimizer_variant(variant: str, steps_per_epoch: int, warmup_epochs: float,
                 was_whole = _BYPASS[0]  # this step's forward pass ran without gates: nothing to learn
                 _BYPASS[0] = self.n_steps >= warmup_epochs * steps_per_epoch and self.n_steps % 4 != 0
                 return None if was_whole else super().step(closure)
+            if variant == "fisher":
+                return None  # the scores move in _fisher_follow only
             if variant == "warmup_frozen" and self.n_steps <= warmup_epochs * steps_per_epoch:
                 return None
             if variant == "hold_frozen" and self.n_steps > in_force_epochs * steps_per_epoch:
@@ -147,6 +214,10 @@ def one(budget: float, seed: int, variant: str, base: dict, baselines: bool) -> 
                                                  budget_in_force(cfg.gates, cfg.train.epochs))
     if variant == "masked_1_in_4":
         _bypassable_gates()
+    if variant == "fisher":
+        _fisher_gates()
+        _FISHER["on"] = torch.zeros(1)  # a non-empty dict switches the hook on
+        BudgetController.follow = _fisher_follow
     t0 = time.perf_counter()
     try:
         model = build_gated_model(cfg.model, cfg.gates, data.num_classes, data.image_size)
@@ -154,6 +225,7 @@ def one(budget: float, seed: int, variant: str, base: dict, baselines: bool) -> 
     finally:
         train_mod.NormalizedSGD, BudgetController.follow = original, follow  # hold_frozen disables follow
         _BYPASS[0] = False
+        _FISHER.clear()
     example = torch.zeros(1, 3, data.image_size, data.image_size)
     prune_step(model, example, "gate", threshold=cfg.tau, ratio=0.0, round_to=cfg.prune.round_to,
                min_channels=cfg.prune.min_channels)
@@ -182,6 +254,14 @@ def one(budget: float, seed: int, variant: str, base: dict, baselines: bool) -> 
     row.update(uniform_widths=widths(m), uniform_before_ft=test(m))
     finetune(m, data, cfg, cfg.prune.finetune_epochs, penalty=False, phase="finetune", log=None)
     row.update(uniform=test(m), uniform_share=macs_and_params(m, data.image_size)[0] / dense_macs)
+    m = copy.deepcopy(dense)  # L1 at its own one ratio (the other structured baseline of frontier_quality.py)
+    cfg_l1 = dataclasses.replace(cfg, prune=dataclasses.replace(cfg.prune, method="l1_structured"))
+    ratio, _ = ratio_for_budget(m, example, cfg_l1, calibration)
+    prune_step(m, example, "l1_structured", threshold=cfg.tau, ratio=ratio, round_to=cfg.prune.round_to,
+               calibration=calibration)
+    row.update(l1_uniform_widths=widths(m))
+    finetune(m, data, cfg, cfg.prune.finetune_epochs, penalty=False, phase="finetune", log=None)
+    row.update(l1_uniform=test(m), l1_uniform_share=macs_and_params(m, data.image_size)[0] / dense_macs)
     for name, imp in (("taylor_at_gate_widths", tp.importance.GroupTaylorImportance()),
                       ("l1_at_gate_widths", tp.importance.GroupMagnitudeImportance(p=1))):
         m = copy.deepcopy(dense).eval()
@@ -249,7 +329,7 @@ def main() -> int:
             with out.open("a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
             rows.append(row)
-    for name in ("gate", "uniform", "taylor_at_gate_widths", "l1_at_gate_widths"):
+    for name in ("gate", "uniform", "l1_uniform", "taylor_at_gate_widths", "l1_at_gate_widths"):
         vals = [100 * r[name] for r in rows if name in r]
         if vals:
             print(f"{name}: {np.mean(vals):.2f} ± {np.std(vals, ddof=1) if len(vals) > 1 else 0:.2f} % "
@@ -258,4 +338,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

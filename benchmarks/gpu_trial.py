@@ -40,7 +40,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import RESULTS_MD, append_results, md_table, write_raw  # noqa: E402
+from benchmarks.common import RESULTS_MD, append_results, md_table, run_main, write_raw  # noqa: E402
 from prunevision.cliargs import add_set_argument  # noqa: E402
 
 TRIAL = {
@@ -332,4 +332,4 @@ def verdict(r: dict) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

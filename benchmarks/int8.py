@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import RESULTS_MD, append_results, md_table, write_raw  # noqa: E402
+from benchmarks.common import RESULTS_MD, append_results, md_table, run_main, write_raw  # noqa: E402
 
 KNEE = {  # sweeps/configs/quickstart.yaml's base, at one of its budgets
     "model.name": "small_cnn", "data.batch_size": 128, "gates.kind": "ste", "gates.warmup_epochs": 1,
@@ -211,4 +211,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -27,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import RESULTS_MD, ROOT, append_results, machine, md_table  # noqa: E402
+from benchmarks.common import RESULTS_MD, ROOT, append_results, machine, md_table, run_main  # noqa: E402
 from prunevision.cliargs import add_set_argument  # noqa: E402
 
 # 2,000 images in batches of 32 for 4 epochs: about as many gate updates (250) as a quickstart
@@ -172,4 +172,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

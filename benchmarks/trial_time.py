@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import RESULTS_MD, append_results, machine, md_table  # noqa: E402
+from benchmarks.common import RESULTS_MD, append_results, machine, md_table, run_main  # noqa: E402
 from prunevision.cliargs import add_set_argument  # noqa: E402
 
 TRIAL = {
@@ -130,4 +130,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -70,6 +70,18 @@ def test_budget_control_benchmark_smoke(tmp_path):
     assert not md.exists()
 
 
+@pytest.mark.parametrize("script", ["gate_decomposition.py", "budget_control.py"])
+def test_benchmark_with_a_corrupt_dataset_says_so_in_one_line(tmp_path, script):
+    bad = tmp_path / "cifar.tar.gz"
+    bad.write_text("not an archive")
+    out = tmp_path / "out.json"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--data", str(bad), "--out", str(out)],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip() == f"{script}: error: data.root: {bad} is neither a folder nor a .tar/.tar.gz archive"
+    assert not out.exists()
+
+
 @pytest.mark.slow
 def test_gate_decomposition_benchmark_smoke(tmp_path):
     out = tmp_path / "d.jsonl"
