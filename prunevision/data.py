@@ -246,6 +246,9 @@ def synthetic_dataset(num_classes: int, n_train: int, n_test: int, size: int = 3
 # --------------------------------------------------------------------------- real data
 
 
+ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".zip")
+
+
 def _load_real(cfg: DataConfig) -> Dataset:
     cache = default_cache_dir(cfg)
     if cfg.root is None:
@@ -260,6 +263,9 @@ def _load_real(cfg: DataConfig) -> Dataset:
     found = _find_layout(root) if root.is_dir() else None
     if found is None:
         if cfg.name == "cifar10" and cfg.download and not archive:
+            if not root.exists() and root.name.lower().endswith(ARCHIVE_SUFFIXES):
+                # a mistyped archive path: not a folder to download CIFAR-10 into
+                raise DatasetError(f"data.root: {root} does not exist")
             _download_cifar10(root)
             found = _find_layout(root)
         if found is None:

@@ -233,3 +233,16 @@ def test_streamed_imagefolder_has_a_val_split(tmp_path):
 def test_bad_val_split_is_a_config_error(value):
     with pytest.raises(ConfigError, match=r"^data\.val_split: .* is out of range \[0\.0, 0\.5\]$"):
         DataConfig(val_split=value)
+
+
+def test_a_missing_archive_path_is_not_a_download_target(tmp_path, monkeypatch):
+    import prunevision.data as data_mod
+
+    def no_download(root):
+        raise AssertionError(f"tried to download CIFAR-10 into {root}")
+
+    monkeypatch.setattr(data_mod, "_download_cifar10", no_download)
+    for name in ("cifar10-jpeg.tar.gz", "data.tgz", "x.zip"):
+        with pytest.raises(DatasetError, match=r"^data.root: .* does not exist$"):
+            load_dataset(DataConfig(name="cifar10", root=str(tmp_path / name)))
+        assert not (tmp_path / name).exists()
