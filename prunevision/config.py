@@ -388,6 +388,10 @@ def read_yaml_mapping(path: str | Path, what: str, error: type[ConfigError] = Co
     """A YAML file that holds a mapping (empty file: empty mapping); problems as one-line errors."""
     p = Path(path)
     if not p.is_file():
+        if p.is_dir():
+            raise error(f"{what} {p} is a folder, not a YAML file")
+        if p.exists():  # a fifo, socket or device: reading one could block or never end
+            raise error(f"{what} {p} is not a regular file")
         raise error(f"{what} not found: {p}")
     try:
         loaded = yaml.load(p.read_text(encoding="utf-8"), Loader=_StrictLoader)  # noqa: S506  (safe + strict)

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from prunevision.config import ConfigError, ExperimentConfig, load_config
@@ -59,6 +61,12 @@ def test_bad_values_are_rejected_with_one_line(override, message):
 def test_bad_yaml_and_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="is a folder, not a YAML file"):
+        load_config(tmp_path)
+    fifo = tmp_path / "pipe.yaml"
+    os.mkfifo(fifo)
+    with pytest.raises(ConfigError, match="is not a regular file"):  # refused at once, never opened (would block)
+        load_config(fifo)
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
