@@ -27,6 +27,12 @@ options of the library):
                    a BatchNorm after it does not cancel, unlike the signed gradient), and at every
                    projection the scores are set to log(that estimate / the channel's marginal MACs) and
                    shifted onto the budget in force; a closed gate keeps the estimate it had when open
+    taylor_gradual not gates learning: the control for the schedule. Each gate keeps a running mean of
+                   |task gradient at the gate| (first-order Taylor, what torch-pruning's Taylor importance
+                   measures; for a closed gate, what reopening it would change), and at every projection
+                   each layer keeps its most important channels at one ratio for every layer, the ratio
+                   that meets the budget in force: Taylor pruning at one ratio, done gradually on the
+                   gates' own schedule (dense, ramp, hold) and with their masks
 
     .venv/bin/python benchmarks/gate_decomposition.py --budgets 0.5,0.7 --seeds 0,1,2 \
         --data ../shared/data/cifar10-jpeg.tar.gz --out benchmarks/results/gate_decomposition.jsonl
@@ -54,7 +60,7 @@ from benchmarks.common import run_main  # noqa: E402
 from prunevision.cliargs import add_set_argument  # noqa: E402
 
 VARIANTS = ("default", "layer_rms", "centred", "centred_global", "warmup_frozen", "hold_frozen", "masked_1_in_4",
-            "fisher")
+            "fisher", "taylor_gradual")
 
 
 _BYPASS = [False]  # masked_1_in_4: the next forward pass runs the whole network
@@ -92,11 +98,14 @@ def _fisher_gates():
             return _f(self, x)
         g = self.values()
         mean = _FISHER.setdefault(id(self.score), torch.zeros_like(self.score.detach()))
-        is_open = (self.score.detach() > 0).to(mean.dtype)
+        squared = _FISHER["on"] == "fisher"
+        # fisher: only an open gate's estimate moves; taylor_gradual: every gate's
+        moves = (self.score.detach() > 0).to(mean.dtype) if squared else torch.ones_like(mean)
 
         def hook(grad):  # the gradient of the task loss at this gate's value (not the budget's)
-            upd = FISHER_BETA * mean + (1 - FISHER_BETA) * grad.detach().float() ** 2
-            mean.copy_(is_open * upd + (1 - is_open) * mean)
+            g = grad.detach().float()
+            upd = FISHER_BETA * mean + (1 - FISHER_BETA) * (g ** 2 if squared else g.abs())
+            mean.copy_(moves * upd + (1 - moves) * mean)
 
         g.register_hook(hook)
         return x * g.to(x.dtype).view([1, -1] + [1] * (x.dim() - 2))
@@ -128,6 +137,44 @@ def _fisher_follow(self, target: float, tolerance: float | None = None):
     return macs.project(target)
 
 
+def _taylor_gradual_follow(self, target: float, tolerance: float | None = None):
+    """BudgetController.follow for taylor_gradual: every prunable group keeps its ``(1 - r)`` most
+    important channels, with the one ratio ``r`` that meets ``target``."""
+    import torch
+
+    from prunevision.prune import keep_count
+
+    macs = self.macs
+
+    def counts(r):
+        return [torch.tensor(float(keep_count(g.n, int(round(r * g.n)), macs.min_channels, macs.round_to)
+                                   if g.prunable else g.n)) for g in macs.groups]
+
+    def share(r):
+        return float((macs._macs(counts(r)) + macs.offset) / macs.reference)
+
+    lo, hi = 0.0, 1.0
+    if share(0.0) <= target:
+        hi = 0.0
+    else:
+        for _ in range(30):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if share(mid) > target else (lo, mid)
+    keep = counts(hi)
+    with torch.no_grad():
+        for g, k in zip(macs.groups, keep):
+            if not g.prunable:
+                continue
+            for gate, idxs, _ in g.gates:
+                imp = _FISHER.get(id(gate.score))
+                imp = imp[idxs] if imp is not None else torch.zeros(len(idxs))
+                order = torch.argsort(imp, descending=True, stable=True)
+                score = torch.full((len(idxs),), -0.5)
+                score[order[:int(k)]] = 0.5
+                gate.score[idxs] = score.to(gate.score.dtype)
+    return macs.hard_share()
+
+
 def _optimizer_variant(variant: str, steps_per_epoch: int, warmup_epochs: float, in_force_epochs: float):
     """A NormalizedSGD subclass that moves the gate scores the ``variant`` way."""
     import torch
@@ -142,8 +189,8 @@ def _optimizer_variant(variant: str, steps_per_epoch: int, warmup_epochs: float,
                 was_whole = _BYPASS[0]  # this step's forward pass ran without gates: nothing to learn
                 _BYPASS[0] = self.n_steps >= warmup_epochs * steps_per_epoch and self.n_steps % 4 != 0
                 return None if was_whole else super().step(closure)
-            if variant == "fisher":
-                return None  # the scores move in _fisher_follow only
+            if variant in ("fisher", "taylor_gradual"):
+                return None  # the scores move in the variant's follow only
             if variant == "warmup_frozen" and self.n_steps <= warmup_epochs * steps_per_epoch:
                 return None
             if variant == "hold_frozen" and self.n_steps > in_force_epochs * steps_per_epoch:
@@ -214,10 +261,10 @@ def one(budget: float, seed: int, variant: str, base: dict, baselines: bool) -> 
                                                  budget_in_force(cfg.gates, cfg.train.epochs))
     if variant == "masked_1_in_4":
         _bypassable_gates()
-    if variant == "fisher":
+    if variant in ("fisher", "taylor_gradual"):
         _fisher_gates()
-        _FISHER["on"] = torch.zeros(1)  # a non-empty dict switches the hook on
-        BudgetController.follow = _fisher_follow
+        _FISHER["on"] = variant  # a non-empty dict switches the hook on
+        BudgetController.follow = _fisher_follow if variant == "fisher" else _taylor_gradual_follow
     t0 = time.perf_counter()
     try:
         model = build_gated_model(cfg.model, cfg.gates, data.num_classes, data.image_size)
@@ -299,7 +346,9 @@ def main() -> int:
     args = ap.parse_args()
     from prunevision.config import parse_overrides
 
-    base = {"data.root": args.data, "data.subset": args.subset, "data.test_subset": None, "data.batch_size": 128,
+    # the absolute path, so that the same dataset spelt another way is the same row (resuming)
+    base = {"data.root": str(Path(args.data).expanduser().resolve()),
+            "data.subset": args.subset, "data.test_subset": None, "data.batch_size": 128,
             "train.epochs": args.epochs, "gates.lr": 0.05, "prune.round_to": None, "prune.finetune_epochs": 1,
             "model.name": "small_cnn", "measure.enabled": False, "train.device": "cpu"}
     budgets = [float(b) for b in args.budgets.split(",")]
