@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from prunevision.fsutil import atomic_write, save_figure
 from prunevision.metrics import speedup
 from prunevision.quantize import (
     CALIBRATION_METHODS,
@@ -111,7 +112,7 @@ def export_int8(fp32: Path, card: dict[str, Any], card_path: Path, cfg, image_si
         if stale.is_file():
             stale.unlink()
         card["int8"] = {**getattr(e, "report", {}), "shipped": False, "error": str(e)}
-        card_path.write_text(json.dumps(card, indent=2, default=str))
+        atomic_write(card_path, json.dumps(card, indent=2, default=str))
         stands = ("nothing registered, " if registered else "") + f"the fp32 model {fp32} and its card " \
                                                                    f"{card_path.name} stand"
         what = (f"{e} (--max-int8-drop); {stands}; --force-int8 ships it anyway" if isinstance(e, Int8Refused)
@@ -294,7 +295,7 @@ def int8_plot(int8_rows: pd.DataFrame, acc: str, path: Path, on_front: Mapping[s
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)
     return path
 

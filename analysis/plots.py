@@ -17,6 +17,7 @@ import pandas as pd
 from analysis.choose import accuracy_column
 from analysis.pareto import pareto_front
 from analysis.results import CONFIG_PREFIX, config_columns
+from prunevision.fsutil import save_figure
 
 LABELS = {
     "val_accuracy": "validation top-1 accuracy (%)",
@@ -100,7 +101,7 @@ def front_2d(df: pd.DataFrame, objectives: Mapping[str, str], path: Path, chosen
                  ticks=range(0, max_rank + 1))
     fig.suptitle(f"{len(done)} complete trials: " + ", ".join(f"{k} ({v})" for k, v in objectives.items())
                  + (f"\nlatency{latency_note}" if "latency_ms" in objectives and latency_note else ""), fontsize=10)
-    fig.savefig(path, bbox_inches="tight")
+    save_figure(fig, path, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -202,7 +203,7 @@ def parallel_coordinates(df: pd.DataFrame, objectives: Mapping[str, str], path: 
     fig.colorbar(sm, ax=ax, label="Pareto rank (0 = front)", ticks=range(0, max_rank + 1))
     ax.set_title("Hyperparameters and objectives of the complete trials")
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)
     return path
 
@@ -243,7 +244,7 @@ def importance(study_db: Path, study_name: str, objectives: Mapping[str, str], p
     ax.set_title(f"Hyperparameter importance over {len(done)} complete trials")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)
     note = "" if len(done) >= 10 else f"only {len(done)} complete trials: treat these importances as rough"
     return path, note
@@ -261,7 +262,7 @@ def hypervolume_history(hv: pd.Series, reference: np.ndarray, path: Path) -> Pat
                  ", ".join(f"{v:.4g}" for v in reference) + " (minimisation space)", fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)
     return path
 
@@ -285,7 +286,7 @@ def per_class_accuracy(metrics: dict, path: Path) -> Path | None:
     ax.set_title("Per-class accuracy of the chosen model (test set)")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)
     return path
 
@@ -337,7 +338,7 @@ def leaderboard(df: pd.DataFrame, objectives: Mapping[str, str], path: Path, by:
     fig.suptitle(f"Leaderboard by {by.replace(CONFIG_PREFIX, '')} (complete trials per method in brackets)",
                  fontsize=10)
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)
     return path
 

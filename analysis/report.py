@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.results import CONFIG_PREFIX
+from prunevision.fsutil import atomic_write
 
 
 def _fmt(v: Any, col: str = "") -> str:
@@ -118,11 +119,11 @@ class Report:
 
     def write(self) -> tuple[Path, Path]:
         md = self.out / "report.md"
-        md.write_text("\n".join(self.md))
+        atomic_write(md, "\n".join(self.md))
         page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(self.title)}</title>"
                 f"<style>{CSS}</style></head><body>{''.join(self.html)}</body></html>")
         h = self.out / "report.html"
-        h.write_text(page)
+        atomic_write(h, page)
         return md, h
 
 
