@@ -97,8 +97,14 @@ def test_gate_decomposition_benchmark_smoke(tmp_path):
     printed = _run(args + ["--variant", "default"], tmp_path)  # the same row is not run twice
     assert "already" in printed and len(out.read_text().splitlines()) == 1
     _run(args + ["--variant", "centred", "--no-baselines"], tmp_path)
+    _run(args + ["--variant", "taylor_gradual", "--no-baselines"], tmp_path)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["variant"] for r in rows] == ["default", "centred"] and "uniform" not in rows[1]
+    assert [r["variant"] for r in rows] == ["default", "centred", "taylor_gradual"] and "uniform" not in rows[1]
+    # the schedule control keeps one ratio in every layer: the widths of Taylor at one ratio, give or take
+    # the rounding of the two bisections (one on torch-pruning's ratio, one on the MACs model's)
+    for w, u, n in zip(rows[2]["gate_widths"], row["uniform_widths"], (32, 64, 256, 4)):
+        assert abs(w - u) <= 0.05 * n, (rows[2]["gate_widths"], row["uniform_widths"])
+    assert rows[2]["gate_widths"] != rows[0]["gate_widths"]
 
 
 @pytest.mark.slow
