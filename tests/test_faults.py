@@ -414,7 +414,7 @@ def test_unreadable_configs(tmp_path, capsys):
     deep = tmp_path / "deep.yaml"
     deep.write_text("[" * 50000)
     one_line_error(capsys, main(["train", str(deep), "--out", str(tmp_path / "r")]), "nested too deeply")
-    one_line_error(capsys, main(["train", str(tmp_path), "--out", str(tmp_path / "r")]), "not found")
+    one_line_error(capsys, main(["train", str(tmp_path), "--out", str(tmp_path / "r")]), "is a folder, not a YAML file")
 
 
 def test_checkpoints_that_are_folders(tmp_path, capsys):
