@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import json
 import sys
 import time
@@ -294,21 +293,17 @@ def one(budget: float, seed: int, variant: str, base: dict, baselines: bool) -> 
     dense_widths, dense_macs = widths(dense), macs_and_params(copy.deepcopy(dense), data.image_size)[0]
     row.update(dense=test(dense), gate_share=row.pop("gate_macs") / dense_macs)
     calibration = calibration_batches(data, cfg)
-    m = copy.deepcopy(dense)
-    ratio, _ = ratio_for_budget(m, example, cfg, calibration)
-    prune_step(m, example, "taylor", threshold=cfg.tau, ratio=ratio, round_to=cfg.prune.round_to,
-               calibration=calibration)
-    row.update(uniform_widths=widths(m), uniform_before_ft=test(m))
-    finetune(m, data, cfg, cfg.prune.finetune_epochs, penalty=False, phase="finetune", log=None)
-    row.update(uniform=test(m), uniform_share=macs_and_params(m, data.image_size)[0] / dense_macs)
-    m = copy.deepcopy(dense)  # L1 at its own one ratio (the other structured baseline of frontier_quality.py)
-    cfg_l1 = dataclasses.replace(cfg, prune=dataclasses.replace(cfg.prune, method="l1_structured"))
-    ratio, _ = ratio_for_budget(m, example, cfg_l1, calibration)
-    prune_step(m, example, "l1_structured", threshold=cfg.tau, ratio=ratio, round_to=cfg.prune.round_to,
-               calibration=calibration)
-    row.update(l1_uniform_widths=widths(m))
-    finetune(m, data, cfg, cfg.prune.finetune_epochs, penalty=False, phase="finetune", log=None)
-    row.update(l1_uniform=test(m), l1_uniform_share=macs_and_params(m, data.image_size)[0] / dense_macs)
+    # one ratio for every layer: which channels go depends on the importance, how many does not, so the
+    # ratio that meets the budget for Taylor meets it for L1 too (L1: the other structured baseline of
+    # frontier_quality.py)
+    ratio, _ = ratio_for_budget(copy.deepcopy(dense), example, cfg, calibration)
+    for prefix, method in (("uniform", "taylor"), ("l1_uniform", "l1_structured")):
+        m = copy.deepcopy(dense)
+        prune_step(m, example, method, threshold=cfg.tau, ratio=ratio, round_to=cfg.prune.round_to,
+                   calibration=calibration)
+        row.update({f"{prefix}_widths": widths(m), f"{prefix}_before_ft": test(m)})
+        finetune(m, data, cfg, cfg.prune.finetune_epochs, penalty=False, phase="finetune", log=None)
+        row.update({prefix: test(m), f"{prefix}_share": macs_and_params(m, data.image_size)[0] / dense_macs})
     for name, imp in (("taylor_at_gate_widths", tp.importance.GroupTaylorImportance()),
                       ("l1_at_gate_widths", tp.importance.GroupMagnitudeImportance(p=1))):
         m = copy.deepcopy(dense).eval()
