@@ -55,6 +55,27 @@ def test_search_efficiency_benchmark_smoke(tmp_path):
         hv = r["hypervolume"]
         assert len(hv) == 3 and all(b >= a for a, b in zip(hv, hv[1:]))  # hypervolume never falls
         assert all(0 <= t["values"][0] <= 1 and 0 < t["values"][2] <= 1 for t in r["trials"])
+    # the pooled front of every study's trials covers at least what each study reached
+    assert res["pooled"]["trials"] == 6
+    assert res["pooled"]["hypervolume"] >= max(r["hypervolume"][-1] for r in res["runs"]) - 1e-12
+
+
+def test_search_efficiency_pooled_front_bounds_every_sampler():
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.search_efficiency import summarize
+
+    def study(sampler, values):
+        return {"sampler": sampler, "seed": 0, "trials": [{"values": v} for v in values]}
+
+    # (accuracy, parameter sparsity, MACs share); reference point (0, 0, 1): boxes 0.5·0.5·0.5 and
+    # 0.25·1·0.5 that overlap in 0.25·0.5·0.5, so together 0.125 + 0.125 − 0.0625
+    results = [study("random", [(0.5, 0.5, 0.5)]), study("tpe", [(0.25, 1.0, 0.5)])]
+    summary, pooled = summarize(results, ["tpe", "random"], 1)
+    assert summary["random"][1] == pytest.approx((0.125, 0.0))
+    assert summary["tpe"][1] == pytest.approx((0.125, 0.0))
+    assert pooled["trials"] == 2
+    assert pooled["hypervolume"] == pytest.approx(0.1875)
+    assert pooled["vs_random"] == pytest.approx(1.5)
 
 
 @pytest.mark.slow
@@ -157,3 +178,16 @@ def test_gpu_trial_benchmark_smoke_runs_without_ray_or_mlflow(tmp_path):
         assert res["speedup"][k] == v["dense"]["median_ms"] / v["pruned"]["median_ms"]
     assert res["gpu_utilisation_training"]["samples"] == 0  # nothing to sample on a CPU
     assert "training throughput" in printed and not md.exists()  # smoke runs append nothing
+
+
+def test_search_efficiency_summarizes_a_raw_file_and_refuses_anything_else(tmp_path):
+    raw = {"runs": [{"sampler": "random", "seed": 0, "trials": [{"values": [0.5, 0.5, 0.5]}]},
+                    {"sampler": "tpe", "seed": 0, "trials": [{"values": [0.25, 1.0, 0.5]}]}]}
+    (tmp_path / "s.json").write_text(json.dumps(raw))
+    out = _run([str(ROOT / "benchmarks" / "search_efficiency.py"), "--summarize", str(tmp_path / "s.json")], tmp_path)
+    assert "pooled front of all 2 trials: hypervolume 0.1875, 1.50x random" in out
+    (tmp_path / "bad.json").write_text("{not json")
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "search_efficiency.py"), "--summarize",
+                        str(tmp_path / "bad.json")], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 2 and "is not a search_efficiency results file" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
