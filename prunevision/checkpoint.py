@@ -23,7 +23,7 @@ from safetensors.torch import save
 from torch import nn
 
 from prunevision.config import MAX_IMAGE_SIZE, ConfigError, ModelConfig
-from prunevision.fsutil import atomic_write, ensure_dir
+from prunevision.fsutil import atomic_write, ensure_dir, require_file
 
 FORMAT = "prunevision-pruned"
 VERSION = 1
@@ -101,11 +101,7 @@ MAX_BASE_ELEMENTS, MAX_BASE_RATIO = 256_000_000, 1000
 def read_pruned(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Metadata and tensors of a pruned checkpoint, checked: format, version, checksum, and every
     metadata field (types, ranges, layer widths against the tensors' shapes)."""
-    path = Path(path)
-    if path.is_dir():
-        raise PrunedCheckpointError(f"{path} is a folder, not a pruned checkpoint file")
-    if not path.is_file():
-        raise PrunedCheckpointError(f"pruned checkpoint not found: {path}")
+    path = require_file(path, "pruned checkpoint", PrunedCheckpointError)
     try:
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}

@@ -19,6 +19,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from prunevision.errors import ConfigError
+from prunevision.fsutil import require_file
 from prunevision.registry import check_model_name
 
 PenaltyMode = Literal["mean", "sum", "flops"]
@@ -386,13 +387,7 @@ def _expanded_size(obj: Any, limit: int) -> int:
 
 def read_yaml_mapping(path: str | Path, what: str, error: type[ConfigError] = ConfigError) -> dict[str, Any]:
     """A YAML file that holds a mapping (empty file: empty mapping); problems as one-line errors."""
-    p = Path(path)
-    if not p.is_file():
-        if p.is_dir():
-            raise error(f"{what} {p} is a folder, not a YAML file")
-        if p.exists():  # a fifo, socket or device: reading one could block or never end
-            raise error(f"{what} {p} is not a regular file")
-        raise error(f"{what} not found: {p}")
+    p = require_file(path, what, error, kind="a YAML file")
     try:
         loaded = yaml.load(p.read_text(encoding="utf-8"), Loader=_StrictLoader)  # noqa: S506  (safe + strict)
     except yaml.YAMLError as e:

@@ -34,6 +34,20 @@ def _reason(e: OSError) -> str:
     return e.strerror or (os.strerror(e.errno) if e.errno else str(e))
 
 
+def require_file(path: str | Path, what: str, error: type[Exception], kind: str = "a file") -> Path:
+    """``path`` when it is a regular file (or a link to one), else one line in ``error``: not found, a
+    folder, or something else (a fifo, socket or device, which reading could block on, is never opened).
+    ``what`` names the file for the user ("config file", "checkpoint"), ``kind`` what a folder is not."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        raise error(f"{what} {path} is a folder, not {kind}")
+    if path.exists():
+        raise error(f"{what} {path} is not a regular file")
+    raise error(f"{what} not found: {path}")
+
+
 def atomic_write(path: str | Path, data: bytes | str) -> Path:
     """Write ``data`` to ``path`` all at once: a temporary file beside it, flushed to disk, then
     renamed over it. On any failure the temporary file is removed and ``path`` is untouched."""

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from prunevision.config import ConfigError, GateConfig, ModelConfig
+from prunevision.fsutil import require_file
 from prunevision.gates import PrunableLinear, instrument
 from prunevision.registry import (  # noqa: F401  (re-exported: the registry's public names)
     _REGISTRY,
@@ -142,8 +143,7 @@ def load_pretrained_state(tv_name: str, weights: str | None) -> dict[str, torch.
 
 
 def _load_weights_file(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise PretrainedWeightsError(f"model.weights: file not found: {path}")
+    require_file(path, "model.weights: file", PretrainedWeightsError)
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file

@@ -30,7 +30,7 @@ from torch.nn import functional as F
 from prunevision.budget import BudgetController, budget_for
 from prunevision.config import ExperimentConfig, from_dict
 from prunevision.data import Dataset, DeviceLoader
-from prunevision.fsutil import atomic_write
+from prunevision.fsutil import atomic_write, require_file
 from prunevision.gates import clamp_scores, gate_parameters, gate_stats, penalty, set_temperature
 from prunevision.schedules import budget_warmup, lam_at, lr_at, target_at, temperature_at
 
@@ -86,8 +86,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if path.is_dir():
         path = path / "checkpoint.pt"
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+    require_file(path, "checkpoint", CheckpointError)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:

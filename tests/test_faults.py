@@ -625,3 +625,24 @@ def test_export_of_a_sweep_whose_trials_all_errored(tmp_path, capsys):
     main(["sweep", "status", str(d)])
     out = capsys.readouterr().out
     assert "t0: error at epoch 1" in out and "t1: error at epoch 1" in out and "stopped" not in out
+
+
+@pytest.mark.parametrize("reader", ["training checkpoint", "pruned checkpoint", "model weights"])
+def test_a_file_argument_that_is_a_fifo_or_a_folder_is_one_line_and_never_opened(tmp_path, reader):
+    from prunevision.checkpoint import PrunedCheckpointError, read_pruned
+    from prunevision.models import PretrainedWeightsError, _load_weights_file
+    from prunevision.train import CheckpointError, load_checkpoint
+
+    read, error = {"training checkpoint": (load_checkpoint, CheckpointError),
+                   "pruned checkpoint": (read_pruned, PrunedCheckpointError),
+                   "model weights": (lambda p: _load_weights_file(Path(p)), PretrainedWeightsError)}[reader]
+    fifo = tmp_path / "weights.pt"
+    os.mkfifo(fifo)  # opening it for reading would block until a writer comes: it must not be opened
+    with pytest.raises(error, match="is not a regular file") as e:
+        read(fifo)
+    assert "\n" not in str(e.value)
+    with pytest.raises(error, match="not found"):
+        read(tmp_path / "missing.pt")
+    if reader != "training checkpoint":  # (a training checkpoint's folder means its checkpoint.pt)
+        with pytest.raises(error, match="is a folder, not a file"):
+            read(tmp_path)
