@@ -50,7 +50,7 @@ DIAGNOSTICS = {
 }
 SUMMARY_COLS = ["trial_id", "val_accuracy", "accuracy", "param_sparsity", "latency_ms", "latency_remeasured",
                 "latency_speedup", "latency_speedup_lo", "latency_speedup_hi",
-                "macs_reduction", "target_macs", "macs_share", "val_accuracy_dense",
+                "macs_reduction", "target_macs", "macs_share", "target_latency_ms", "val_accuracy_dense",
                 "accuracy_dense"]
 
 

@@ -59,6 +59,8 @@ class _Layer:
     n_out: int
     ins: list[tuple[int, float]] = field(default_factory=list)  # (group, multiplicity)
     outs: list[tuple[int, float]] = field(default_factory=list)
+    module: nn.Module | None = None
+    weight: float = 1.0  # what one of its MACs costs (1: counting MACs; ms per MAC: a latency model)
 
 
 def _side(dep) -> str | None:
@@ -144,9 +146,10 @@ class MacsModel:
                     if isinstance(mod, nn.Conv2d):
                         cost = math.prod(mod.kernel_size) * out_hw.get(id(mod), 1)
                         layer = _Layer(names.get(id(mod), ""), float(cost), _is_depthwise(mod), mod.groups,
-                                       mod.in_channels, mod.out_channels)
+                                       mod.in_channels, mod.out_channels, module=mod)
                     else:
-                        layer = _Layer(names.get(id(mod), ""), 1.0, False, 1, mod.in_features, mod.out_features)
+                        layer = _Layer(names.get(id(mod), ""), 1.0, False, 1, mod.in_features, mod.out_features,
+                                       module=mod)
                     layers[id(mod)] = layer
                 mult = len(idxs) / max(len(set(roots.tolist())), 1)
                 terms = layer.outs if side == "out" else layer.ins
@@ -156,6 +159,7 @@ class MacsModel:
                 g.prunable = False
             self.groups.append(g)
         self.layers = list(layers.values())
+        self.channel_weight = 1.0  # what one MAC of the norms, activations and pooling costs
         # norms, activations and pooling: their MACs per channel go to the group of the channels they
         # follow (the last conv/norm of that width in the forward pass that belongs to a group)
         last: dict[int, int] = {}  # channels → group of the latest module of that output width
@@ -190,11 +194,15 @@ class MacsModel:
                 macs = layer.cost * a_out
             else:
                 macs = layer.cost * alive(layer.ins, layer.n_in) * a_out / layer.groups
-            total = total.to(macs.device) + macs
+            total = total.to(macs.device) + layer.weight * macs
         for g, c in zip(self.groups, counts):
             if g.per_channel:
-                total = total + g.per_channel * c.to(total.device)
+                total = total + self.channel_weight * g.per_channel * c.to(total.device)
         return total
+
+    def dense_cost(self) -> float:
+        """The weighted count of the network with every group whole (no offset)."""
+        return float(self._macs([torch.tensor(float(g.n)) for g in self.groups]))
 
     def _soft_counts(self) -> list[torch.Tensor]:
         out = []
@@ -315,8 +323,11 @@ class BudgetController:
     FOLLOW_EVERY = 20  # projections per epoch, at most
     FOLLOW_TOLERANCE = 0.02
 
-    def __init__(self, macs: MacsModel, lr: float, device: torch.device):
+    def __init__(self, macs: MacsModel, lr: float, device: torch.device, target: float | None = None,
+                 calibration: dict | None = None):
         self.macs = macs
+        self.target = target  # the final share asked for (of the MACs, or of the dense latency)
+        self.calibration = calibration  # latency budgets: the measured table the cost model came from
         self.lambdas = torch.zeros(2, device=device, requires_grad=True)
         self.optimizer = torch.optim.Adam([self.lambdas], lr=lr, maximize=True)
         self.last_share = float("nan")
@@ -348,12 +359,26 @@ class BudgetController:
         return float(self.lambdas[0].detach())
 
     def state_dict(self) -> dict:
-        return {"lambdas": self.lambdas.detach().cpu(), "optimizer": self.optimizer.state_dict()}
+        state = {"lambdas": self.lambdas.detach().cpu(), "optimizer": self.optimizer.state_dict()}
+        if self.calibration is not None:  # a resumed run keeps the cost model it started with
+            state["cost_model"] = {"weights": torch.tensor([layer.weight for layer in self.macs.layers]),
+                                   "channel_weight": torch.tensor(self.macs.channel_weight),
+                                   "offset": torch.tensor(self.macs.offset),
+                                   "reference": torch.tensor(self.macs.reference),
+                                   "target": torch.tensor(self.target)}
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         with torch.no_grad():
             self.lambdas.copy_(state["lambdas"].to(self.lambdas.device))
         self.optimizer.load_state_dict(state["optimizer"])
+        cost = state.get("cost_model")
+        if self.calibration is not None and cost is not None and len(cost["weights"]) == len(self.macs.layers):
+            for layer, w in zip(self.macs.layers, cost["weights"].tolist()):
+                layer.weight = w
+            self.macs.channel_weight = float(cost["channel_weight"])
+            self.macs.offset, self.macs.reference = float(cost["offset"]), float(cost["reference"])
+            self.target = float(cost["target"])
 
 
 def check_budget_reachable(macs: MacsModel, target: float) -> None:
@@ -367,10 +392,24 @@ def check_budget_reachable(macs: MacsModel, target: float) -> None:
         )
 
 
+def check_latency_reachable(model: MacsModel, target_ms: float, calibration: dict) -> None:
+    """One clear line, before training, when the latency model's floor is above the latency asked for."""
+    floor_ms = model.floor_share() * model.reference
+    if floor_ms > target_ms * (1 + BUDGET_TOLERANCE):
+        raise BudgetError(
+            f"gates.target_latency_ms: {target_ms:g} cannot be reached: the network measured "
+            f"{calibration['whole_ms']:.4g} ms (ONNX Runtime CPU, batch 1, {calibration['threads']} thread(s)), "
+            f"{calibration['fixed_ms']:.4g} ms of it fixed, and with every prunable layer at its width floor "
+            f"(prune.min_channels={model.min_channels}, prune.round_to={model.round_to}) it would still take "
+            f"about {floor_ms:.4g} ms; ask for at least {floor_ms:.4g} ms"
+        )
+
+
 def budget_for(model: nn.Module, cfg, image_size: int, device: torch.device) -> BudgetController | None:
-    """The controller for a budgeted gate run (``cfg.budget``), or None. The dense network's MACs are
-    remembered on the model (``pv_dense_macs``) so that later iterative steps keep the same reference."""
-    if cfg.budget is None:
+    """The controller for a budgeted gate run (``cfg.budget`` or ``cfg.latency_budget``), or None. The
+    dense network's MACs (and latency) are remembered on the model (``pv_dense_macs``,
+    ``pv_dense_latency_ms``) so that later iterative steps keep the same reference."""
+    if cfg.budget is None and cfg.latency_budget is None:
         return None
     p = cfg.prune
     example = torch.zeros(1, 3, image_size, image_size, device=device)
@@ -379,5 +418,15 @@ def budget_for(model: nn.Module, cfg, image_size: int, device: torch.device) -> 
                      round_to=p.round_to, min_channels=p.min_channels, frozen=frozen)
     if getattr(model, "pv_dense_macs", None) is None:
         model.pv_dense_macs = macs.reference
-    check_budget_reachable(macs, cfg.budget)
-    return BudgetController(macs, cfg.gates.budget_lr, device)
+    if cfg.latency_budget is None:
+        check_budget_reachable(macs, cfg.budget)
+        return BudgetController(macs, cfg.gates.budget_lr, device, target=cfg.budget)
+    from prunevision.latency import calibrate
+
+    cal = calibrate(macs, model, image_size, threads=cfg.measure.threads,
+                    dense_ms=getattr(model, "pv_dense_latency_ms", None))
+    if getattr(model, "pv_dense_latency_ms", None) is None:
+        model.pv_dense_latency_ms = macs.reference
+    check_latency_reachable(macs, cfg.latency_budget, cal)
+    return BudgetController(macs, cfg.gates.budget_lr, device, target=min(1.0, cfg.latency_budget / macs.reference),
+                            calibration=cal)

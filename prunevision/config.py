@@ -149,6 +149,10 @@ class GateConfig:
     # (default: half the remaining epochs), then holds (benchmarks/RESULTS.md: small_cnn at 0.5 over 6
     # epochs, a 1-epoch warm-up 59.49 %, 2 epochs 60.08 %, 3 epochs 60.05 %, 4 epochs 57.58 %).
     target_macs: Optional[float] = None
+    # Latency budget: the pruned network's ONNX Runtime CPU latency in ms (batch 1, measure.threads threads,
+    # what a trial reports as latency_ms), met like a MACs budget through a per-layer latency table measured
+    # before training (prunevision/latency.py). One of target_macs and target_latency_ms.
+    target_latency_ms: Optional[float] = None
     budget_lr: float = 0.02  # ascent rate of the two Lagrange multipliers (Adam, maximising)
     penalty: PenaltyMode = "mean"
     schedule: Schedule = "constant"
@@ -164,16 +168,22 @@ class GateConfig:
 
     def __post_init__(self) -> None:
         if self.kind is None:
-            object.__setattr__(self, "kind", "ste" if self.target_macs is not None else "sigmoid")
+            object.__setattr__(self, "kind", "ste" if self.budgeted else "sigmoid")
         check_range("gates.lam", self.lam, low=0.0, optional=True)
         check_range("gates.target_macs", self.target_macs, low=0.0, high=1.0, low_open=True, optional=True)
+        check_range("gates.target_latency_ms", self.target_latency_ms, low=0.0, low_open=True, optional=True)
         check_range("gates.budget_lr", self.budget_lr, low=0.0, low_open=True)
-        if self.target_macs is not None:
+        if self.target_macs is not None and self.target_latency_ms is not None:
+            raise ConfigError(f"gates.target_latency_ms: {self.target_latency_ms} and gates.target_macs="
+                              f"{self.target_macs} are two budgets; set one of them")
+        if self.budgeted:
+            key = "target_macs" if self.target_macs is not None else "target_latency_ms"
+            value = self.target_macs if self.target_macs is not None else self.target_latency_ms
             if self.lam not in (None, 0.0):
-                raise ConfigError(f"gates.lam: {self.lam} contradicts gates.target_macs={self.target_macs} (with a "
+                raise ConfigError(f"gates.lam: {self.lam} contradicts gates.{key}={value} (with a "
                                   "budget training adjusts λ itself); set one of them")
             if self.schedule != "constant":
-                raise ConfigError(f"gates.schedule: {self.schedule} is a λ schedule and contradicts gates.target_macs "
+                raise ConfigError(f"gates.schedule: {self.schedule} is a λ schedule and contradicts gates.{key} "
                                   "(the budget ramps over gates.warmup_epochs and gates.ramp_epochs)")
         check_range("gates.warmup_epochs", self.warmup_epochs, low=0.0, optional=True)
         check_range("gates.stages", self.stages, low=1)
@@ -184,6 +194,11 @@ class GateConfig:
             "gates.temperature_final", self.temperature_final, low=0.0, low_open=True, optional=True
         )
         check_range("gates.lr", self.lr, low=0.0, low_open=True)
+
+    @property
+    def budgeted(self) -> bool:
+        """Training meets a budget (MACs or latency) rather than weighing a penalty by λ."""
+        return self.target_macs is not None or self.target_latency_ms is not None
 
 
 @dataclass(frozen=True)
@@ -306,6 +321,9 @@ class ExperimentConfig:
             raise ConfigError(f"prune.threshold: gates.kind={self.gates.kind} gates are exactly open or closed; "
                               "τ is only for gates.kind=sigmoid")
         p = self.prune
+        if p.method != "gate" and self.gates.target_latency_ms is not None:
+            raise ConfigError(f"gates.target_latency_ms: a latency budget is met by the gates (prune.method=gate), "
+                              f"not by prune.method={p.method}; use gates.target_macs or prune.target_sparsity")
         if p.method != "gate" and p.target_sparsity is None and self.gates.target_macs is None:
             raise ConfigError(f"prune.target_sparsity: required for prune.method={p.method} (or a MACs budget, "
                               "gates.target_macs)")
@@ -321,6 +339,11 @@ class ExperimentConfig:
     def budget(self) -> float | None:
         """gates.target_macs when training is budgeted (gate pruning only)."""
         return self.gates.target_macs if self.prune.method == "gate" else None
+
+    @property
+    def latency_budget(self) -> float | None:
+        """gates.target_latency_ms when training is budgeted by latency (gate pruning only)."""
+        return self.gates.target_latency_ms if self.prune.method == "gate" else None
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(dataclasses.asdict(self))

@@ -364,6 +364,13 @@ def _trace_dataflow(model: nn.Module, example: torch.Tensor):
                 shapes[name] = out.shape
                 keep.extend([t for t in (x, out) if t is not None])
             handles.append(m.register_forward_hook(hook))
+    forward_with_hooks(model, example, handles)
+    return order, ins, outs, shapes
+
+
+def forward_with_hooks(model: nn.Module, example: torch.Tensor, handles: list) -> None:
+    """One inference forward pass of ``example`` for the hooks behind ``handles``, which are removed
+    afterwards; the model's train/eval mode is restored."""
     was_training = model.training
     model.eval()
     try:
@@ -373,7 +380,6 @@ def _trace_dataflow(model: nn.Module, example: torch.Tensor):
         for h in handles:
             h.remove()
         model.train(was_training)
-    return order, ins, outs, shapes
 
 
 def find_mirror_sites(model: nn.Module, example: torch.Tensor, producers: set[str]) -> list[MirrorSite]:

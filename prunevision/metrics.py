@@ -39,6 +39,10 @@ METRICS: dict[str, Metric] = {
     "macs_share": Metric("budget mode: the network's MACs share (per epoch: its gates')", "min",
                          per_epoch=True, final=True),
     "target_macs_now": Metric("budget mode: the MACs share the ramp asks for now", per_epoch=True),
+    "latency_share": Metric("latency budget: the latency model's share of the dense latency", "min",
+                            per_epoch=True),
+    "target_latency_now": Metric("latency budget: the share of the dense latency the ramp asks for now",
+                                 per_epoch=True),
     # final only (prunevision.trial.prune_and_measure's metrics, pruned against dense)
     "val_accuracy_dense": Metric("dense network's validation accuracy", final=True),
     "accuracy": Metric("pruned model's test accuracy (reported, never chosen on)", "max", final=True),
@@ -64,6 +68,7 @@ METRICS: dict[str, Metric] = {
     "onnx_max_abs_diff": Metric("largest ONNX-vs-PyTorch output difference on real images", final=True),
     "train_time_s": Metric("seconds of gated training", "min", final=True),
     "target_macs": Metric("budget mode: the MACs share asked for", final=True),
+    "target_latency_ms": Metric("latency budget: the latency_ms asked for", final=True),
 }
 
 EPOCH_METRICS = tuple(k for k, m in METRICS.items() if m.per_epoch)

@@ -40,17 +40,19 @@ def lam_at(cfg: GateConfig, epoch: float, total_epochs: int) -> float:
     raise ValueError(f"unknown λ schedule {cfg.schedule!r}")
 
 
-def target_at(cfg: GateConfig, epoch: float, total_epochs: int) -> float:
-    """The MACs budget in force at ``epoch`` (budget mode): 1 (dense) during the warm-up
-    (:func:`budget_warmup`), then a linear ramp to ``target_macs`` over ``ramp_epochs`` (default:
-    half the remaining epochs), then ``target_macs`` until the end, so the last epochs train the
-    final structure."""
-    if cfg.target_macs is None:
+def target_at(cfg: GateConfig, epoch: float, total_epochs: int, final: float | None = None) -> float:
+    """The budget in force at ``epoch`` (budget mode), as a share of the dense network's MACs (or, with
+    ``final`` given, of whatever ``final`` is a share of: a latency budget's share of the dense latency):
+    1 (dense) during the warm-up (:func:`budget_warmup`), then a linear ramp to ``final`` (default
+    ``target_macs``) over ``ramp_epochs`` (default: half the remaining epochs), then ``final`` until
+    the end, so the last epochs train the final structure."""
+    final = cfg.target_macs if final is None else final
+    if final is None:
         return 1.0
     w = budget_warmup(cfg, total_epochs)
     ramp = budget_in_force(cfg, total_epochs) - w
     t = min(1.0, max(0.0, (epoch - w) / max(ramp, 1e-9)))
-    return 1.0 - (1.0 - cfg.target_macs) * t
+    return 1.0 - (1.0 - final) * t
 
 
 def budget_warmup(cfg: GateConfig, total_epochs: int) -> float:

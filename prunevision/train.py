@@ -293,7 +293,7 @@ def fit(
                 task = distill_loss(task, out, teacher, x, cfg.prune.distill, cfg.prune.distill_temperature, amp)
             in_force = budget is not None and t_epoch >= warmup  # the warm-up trains dense
             if in_force:
-                pen = budget.loss(target_at(g_cfg, t_epoch, t_cfg.epochs))
+                pen = budget.loss(target_at(g_cfg, t_epoch, t_cfg.epochs, budget.target))
                 loss = task + pen
                 budget.zero_grad()
             elif budget is not None:
@@ -315,7 +315,7 @@ def fit(
                 budget.step()
             if budget is not None and ((step + 1) % follow_every == 0 or step + 1 == steps):
                 # the structure follows the budget in force (1 in the warm-up, then the ramp)
-                budget.follow(target_at(g_cfg, epoch + (step + 1) / steps, t_cfg.epochs))
+                budget.follow(target_at(g_cfg, epoch + (step + 1) / steps, t_cfg.epochs, budget.target))
             task_sum += task.detach() * len(y)
             pen_sum += pen.detach() * len(y)
             correct += (out.argmax(1) == y).sum()
@@ -346,15 +346,20 @@ def fit(
             "images_per_s": seen / train_time if train_time > 0 else float("nan"),
         }
         if budget is not None:
-            record["macs_share"] = budget.macs.hard_share()
-            record["target_macs_now"] = target_at(g_cfg, epoch + 1, t_cfg.epochs)
+            kind = "macs" if budget.calibration is None else "latency"
+            record[f"{kind}_share"] = budget.macs.hard_share()
+            record[f"target_{kind}_now"] = target_at(g_cfg, epoch + 1, t_cfg.epochs, budget.target)
         state.epoch = epoch + 1
         state.history.append(record)
         if log:
             gates = (f"mean gate {record['mean_gate']:.3f}  closed {record['gates_below_threshold']:.1%}  "
                      f"λ {record['lam']:.3g}  ") if gate_opt is not None else ""
-            if budget is not None:
+            if budget is not None and budget.calibration is None:
                 gates += f"MACs {record['macs_share']:.3f} (budget {record['target_macs_now']:.3f})  "
+            elif budget is not None:
+                ref = budget.macs.reference
+                gates += (f"latency {record['latency_share'] * ref:.3g} ms predicted "
+                          f"(budget {record['target_latency_now'] * ref:.3g} ms)  ")
             acc = f"val acc {record['val_accuracy']:.4f}  " if val_loader is not None else ""
             log(
                 f"epoch {epoch + 1}/{t_cfg.epochs}  loss {record['task_loss']:.3f}  "

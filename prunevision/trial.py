@@ -64,7 +64,7 @@ def finetune(model: nn.Module, data: Dataset, cfg: ExperimentConfig, epochs: int
         "gates.schedule": "constant", "gates.lam": cfg.gates.lam if penalty else 0.0,
         "gates.temperature_final": None,
     }
-    if penalty and cfg.gates.target_macs is not None:
+    if penalty and cfg.gates.budgeted:
         over.update({"gates.warmup_epochs": 0.0, "gates.ramp_epochs": 1e-6})
     ft = cfg.replace(**over)
     state = fit(model, data, ft, log=(lambda m: log(f"[{phase}] {m}")) if log else None,
@@ -173,6 +173,8 @@ def prune_and_measure(model: nn.Module, data: Dataset, cfg: ExperimentConfig, ou
             "input": {"size": data.image_size, "mean": list(data.mean), "std": list(data.std),
                       "layout": "NCHW float32"},
         }
+        if cfg.gates.target_latency_ms is not None:  # requested latency budget, beside the measured latency_ms
+            metrics["target_latency_ms"] = cfg.gates.target_latency_ms
         if getattr(pruned, "backbones_remaining", None) is not None:  # the hybrid: which backbones still run
             metrics["hybrid_backbones"] = list(pruned.backbones_remaining)
     if cfg.measure.export:

@@ -1,0 +1,222 @@
+"""Latency budgets: a per-layer latency table measured with ONNX Runtime, turned into a differentiable
+cost model of the network pruning will produce.
+
+``gates.target_latency_ms`` asks for the pruned network's ONNX Runtime CPU latency (batch
+``measure.batch``, ``measure.threads`` threads, the setting a trial measures in) instead of a MACs
+share. Before training, every convolution and linear layer of the network is timed alone, at its own
+shape and input size, twice: at its full width and at half its input and output channels. The
+difference of the two times over the difference of their MACs is that layer's milliseconds per
+multiply-accumulate: what removing channels from that layer buys. Layers differ a lot in this
+(a depthwise or a small-spatial layer costs more per MAC than a wide 3×3 convolution, and a layer
+too small to matter buys nothing), which is what a latency budget can use and a MACs budget cannot.
+
+The cost model is the :class:`prunevision.budget.MacsModel` with each layer's MACs weighted by its
+slope (norms, activations and pooling by the MAC-weighted mean slope), then fitted to two measurements of
+the whole network, as it is and with every prunable group cut to half its channels: a common factor
+(a layer timed alone does not cost what it costs inside the optimised graph) and a constant, the part of
+the time no width changes (the graph's fixed overhead, large for small networks at batch 1). Its share
+of the dense latency is what the budget controller (Lagrangian, projection onto the ramp) drives to
+``target_latency_ms / dense latency``, exactly as with a MACs budget, and its floor (every layer at its
+width floor) is checked against the request before training. HALP (Shen et al., NeurIPS 2022) allocates
+channels with a per-layer latency table in the same spirit; here the table is measured in the run, so
+it needs no offline profiling and follows the machine it runs on.
+
+The prediction is a model, not a measurement: the trial measures the pruned network's real latency
+(``latency_ms``) and reports it beside the request.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from prunevision.gates import forward_with_hooks
+from prunevision.measure import _interleaved
+
+if TYPE_CHECKING:
+    from prunevision.budget import MacsModel
+
+# a layer whose time does not change with its width buys nothing: its slope is 0, not negative noise
+MIN_SLOPE = 0.0
+LATENCY_BATCH = 1  # the batch of ``latency_ms``, the latency a trial reports
+
+
+@dataclass
+class LayerTiming:
+    name: str
+    full_ms: float
+    half_ms: float
+    full_macs: float
+    half_macs: float
+
+    @property
+    def ms_per_mac(self) -> float:
+        d = self.full_macs - self.half_macs
+        return max(MIN_SLOPE, (self.full_ms - self.half_ms) / d) if d > 0 else 0.0
+
+
+def _half(n: int, groups: int = 1) -> int:
+    """Half of ``n`` channels, at least one, and a multiple of ``groups``."""
+    return max(groups, (n // 2) // groups * groups)
+
+
+def _standalone(mod: nn.Module, in_shape: tuple[int, ...], half: bool) -> tuple[nn.Module, tuple[int, ...], float]:
+    """A copy of ``mod``'s shape (at full or half width) with random weights, its input shape and MACs."""
+    if isinstance(mod, nn.Conv2d):
+        depthwise = mod.groups > 1 and mod.groups == mod.in_channels == mod.out_channels
+        if depthwise:
+            c = _half(mod.in_channels) if half else mod.in_channels
+            c_in, c_out, groups = c, c, c
+        else:
+            groups = mod.groups
+            c_in = _half(mod.in_channels, groups) if half else mod.in_channels
+            c_out = _half(mod.out_channels, groups) if half else mod.out_channels
+        layer = nn.Conv2d(c_in, c_out, mod.kernel_size, mod.stride, mod.padding, mod.dilation, groups,
+                          bias=mod.bias is not None, padding_mode=mod.padding_mode)
+        shape = (in_shape[0], c_in, *in_shape[2:])
+        with torch.no_grad():
+            out = layer(torch.zeros(1, *shape[1:]))
+        macs = math.prod(mod.kernel_size) * math.prod(out.shape[2:]) * c_in * c_out / groups
+        return layer, shape, float(macs)
+    c_in = _half(mod.in_features) if half else mod.in_features
+    c_out = _half(mod.out_features) if half else mod.out_features
+    layer = nn.Linear(c_in, c_out, bias=mod.bias is not None)
+    shape = (in_shape[0], *in_shape[1:-1], c_in)
+    return layer, shape, float(math.prod(shape[1:-1]) * c_in * c_out)
+
+
+def _session(layer: nn.Module, shape: tuple[int, ...], threads: int):
+    import onnxruntime as ort
+
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(layer.eval(), (torch.zeros(shape),), buf, dynamo=False, input_names=["x"])
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    return ort.InferenceSession(buf.getvalue(), so, providers=["CPUExecutionProvider"])
+
+
+def input_shapes(model: nn.Module, example: torch.Tensor) -> dict[int, tuple[int, ...]]:
+    """Input shape of every convolution and linear layer in one forward pass (id(module) → shape)."""
+    shapes: dict[int, tuple[int, ...]] = {}
+
+    def hook(mod, inp, _out):
+        shapes.setdefault(id(mod), tuple(inp[0].shape))
+
+    forward_with_hooks(model, example, [m.register_forward_hook(hook) for m in model.modules()
+                                        if isinstance(m, (nn.Conv2d, nn.Linear))])
+    return shapes
+
+
+def time_layers(named: list[tuple[str, nn.Module]], shapes: dict[int, tuple[int, ...]], *, batch: int,
+                threads: int, runs: int = 30, warmup: int = 5) -> list[LayerTiming]:
+    """Each layer alone in ONNX Runtime, at full and at half width, interleaved (median of ``runs``)."""
+    rng = np.random.default_rng(0)
+    out = []
+    for name, mod in named:
+        shape = (batch, *shapes[id(mod)][1:])
+        fns, macs = {}, {}
+        for key in ("full", "half"):
+            layer, s, m = _standalone(mod, shape, half=key == "half")
+            sess = _session(layer, s, threads)
+            x = rng.standard_normal(s).astype(np.float32)
+            fns[key] = (lambda sess=sess, x=x: sess.run(None, {"x": x}))
+            macs[key] = m  # per image: the cost model counts one image's MACs
+        t = _interleaved(fns, runs, warmup)
+        out.append(LayerTiming(name, t["full"]["median_ms"], t["half"]["median_ms"], macs["full"], macs["half"]))
+    return out
+
+
+def calibrate(macs: MacsModel, model: nn.Module, image_size: int, *, threads: int, runs: int = 30,
+              warmup: int = 5, dense_ms: float | None = None) -> dict[str, Any]:
+    """Turn ``macs`` into a latency model in milliseconds (module docs) and return the measured table.
+
+    1. Every layer alone, at full and half width: its ms per MAC, the *relative* cost of its channels.
+    2. The whole network twice, as it is and pruned to half of every prunable group's channels (a copy,
+       gates folded, so the exported graph is the one a trial measures): the layers' weighted MACs
+       explain the difference between the two (a common scale ``b``, since a layer timed alone is not
+       the same as inside the optimised graph), and what no width changes is the fixed part ``a``.
+    The model is ``a + b · Σ slope · MACs``: it equals both measurements, and its floor is what the
+    network could reach. ``dense_ms`` (kept across iterative steps) is the reference the share is taken
+    of; None: the network as it is now."""
+    dev = next(model.parameters()).device
+    example = torch.zeros(LATENCY_BATCH, 3, image_size, image_size, device=dev)
+    shapes = input_shapes(model, example)
+    named = [(layer.name, layer.module) for layer in macs.layers]
+    timings = time_layers(named, shapes, batch=LATENCY_BATCH, threads=threads, runs=runs, warmup=warmup)
+    slopes = [t.ms_per_mac for t in timings]
+    layer_macs = _layer_macs(macs)
+    total = sum(layer_macs)
+    spent = sum(w * m for w, m in zip(slopes, layer_macs))
+    if spent <= 0:  # no layer's time moved with its width: count MACs (the fit below then finds no slope)
+        slopes, spent = [1.0] * len(slopes), total
+    for layer, w in zip(macs.layers, slopes):
+        layer.weight = w
+    macs.channel_weight = spent / total if total > 0 else 0.0  # norms, activations, pooling: the mean slope
+
+    whole, half, half_cost = _two_structures(macs, model, example.cpu(), threads=threads, runs=runs,
+                                             warmup=warmup)
+    cost = macs.dense_cost()
+    b = (whole - half) / (cost - half_cost) if cost > half_cost else 0.0
+    b = max(b, 0.0)
+    a = whole - b * cost
+    if a < 0:  # more than all of it explained by the widths (noise): no fixed part, one slope through dense
+        a, b = 0.0, whole / cost if cost > 0 else 0.0
+    for layer in macs.layers:
+        layer.weight *= b
+    macs.channel_weight *= b
+    macs.offset = a
+    macs.reference = float(dense_ms) if dense_ms is not None else whole
+    return {"whole_ms": whole, "half_ms": half, "fixed_ms": a, "threads": threads, "batch": LATENCY_BATCH,
+            "layers": [{"name": t.name, "full_ms": t.full_ms, "half_ms": t.half_ms, "ms_per_mac": layer.weight}
+                       for t, layer in zip(timings, macs.layers)]}
+
+
+def _two_structures(macs: MacsModel, model: nn.Module, example: torch.Tensor, *, threads: int, runs: int,
+                    warmup: int) -> tuple[float, float, float]:
+    """Measured ms of the network as it is and of a copy with every prunable group halved (by L1 norm), and
+    the copy's weighted cost under ``macs``'s layer weights (layers matched by name)."""
+    import copy
+
+    from prunevision.budget import MacsModel
+    from prunevision.prune import prune_structured, strip_gates
+
+    whole_net = strip_gates(copy.deepcopy(model).cpu()).eval()
+    half_net = copy.deepcopy(whole_net)
+    frozen = {layer.name for layer in macs.layers if layer.module is not None and not _prunable_out(macs, layer)}
+    skip = [m for n, m in half_net.named_modules() if n in frozen]
+    prune_structured(half_net, example, "l1_structured", 0.5, skip=skip)
+    both = _sessions({"whole": whole_net, "half": half_net}, example, threads)
+    x = np.random.default_rng(0).standard_normal(tuple(example.shape)).astype(np.float32)
+    t = _interleaved({k: (lambda s=s: s.run(None, {"x": x})) for k, s in both.items()}, runs, warmup)
+    weights = {layer.name: layer.weight for layer in macs.layers}
+    half_model = MacsModel(half_net, example, threshold=macs.threshold)
+    for layer in half_model.layers:
+        layer.weight = weights.get(layer.name, macs.channel_weight)
+    half_model.channel_weight = macs.channel_weight
+    return t["whole"]["median_ms"], t["half"]["median_ms"], half_model.dense_cost()
+
+
+def _prunable_out(macs: MacsModel, layer) -> bool:
+    return any(macs.groups[gi].prunable for gi, _ in layer.outs)
+
+
+def _sessions(nets: dict[str, nn.Module], example: torch.Tensor, threads: int) -> dict:
+    return {k: _session(m, tuple(example.shape), threads) for k, m in nets.items()}
+
+
+def _layer_macs(macs: MacsModel) -> list[float]:
+    """Each layer's MACs in the network as it is now (unweighted)."""
+    return [layer.cost * (layer.n_out if layer.depthwise else layer.n_in * layer.n_out / layer.groups)
+            for layer in macs.layers]
