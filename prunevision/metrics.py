@@ -43,6 +43,8 @@ METRICS: dict[str, Metric] = {
                             per_epoch=True),
     "target_latency_now": Metric("latency budget: the share of the dense latency the ramp asks for now",
                                  per_epoch=True),
+    "latency_ms_predicted": Metric("latency budget: the latency model's prediction for the network now, ms",
+                                   per_epoch=True),
     # final only (prunevision.trial.prune_and_measure's metrics, pruned against dense)
     "val_accuracy_dense": Metric("dense network's validation accuracy", final=True),
     "accuracy": Metric("pruned model's test accuracy (reported, never chosen on)", "max", final=True),

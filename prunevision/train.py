@@ -349,6 +349,8 @@ def fit(
             kind = "macs" if budget.calibration is None else "latency"
             record[f"{kind}_share"] = budget.macs.hard_share()
             record[f"target_{kind}_now"] = target_at(g_cfg, epoch + 1, t_cfg.epochs, budget.target)
+            if budget.calibration is not None:
+                record["latency_ms_predicted"] = record["latency_share"] * budget.macs.reference
         state.epoch = epoch + 1
         state.history.append(record)
         if log:
@@ -358,7 +360,7 @@ def fit(
                 gates += f"MACs {record['macs_share']:.3f} (budget {record['target_macs_now']:.3f})  "
             elif budget is not None:
                 ref = budget.macs.reference
-                gates += (f"latency {record['latency_share'] * ref:.3g} ms predicted "
+                gates += (f"latency {record['latency_ms_predicted']:.3g} ms predicted "
                           f"(budget {record['target_latency_now'] * ref:.3g} ms)  ")
             acc = f"val acc {record['val_accuracy']:.4f}  " if val_loader is not None else ""
             log(

@@ -91,7 +91,7 @@ def test_budget_control_benchmark_smoke(tmp_path):
     assert not md.exists()
 
 
-@pytest.mark.parametrize("script", ["gate_decomposition.py", "budget_control.py"])
+@pytest.mark.parametrize("script", ["gate_decomposition.py", "budget_control.py", "latency_budget.py"])
 def test_benchmark_with_a_corrupt_dataset_says_so_in_one_line(tmp_path, script):
     bad = tmp_path / "cifar.tar.gz"
     bad.write_text("not an archive")
@@ -191,3 +191,15 @@ def test_search_efficiency_summarizes_a_raw_file_and_refuses_anything_else(tmp_p
                         str(tmp_path / "bad.json")], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert r.returncode == 2 and "is not a search_efficiency results file" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_latency_budget_benchmark_smoke(tmp_path):
+    out = tmp_path / "l.json"
+    _run([str(ROOT / "benchmarks" / "latency_budget.py"), "--smoke-test", "--out", str(out), "--results-md", ""],
+         tmp_path)
+    (run,) = json.loads(out.read_text())["runs"]
+    assert run["target_ms"] == pytest.approx(0.8 * run["dense_ms_before"])
+    assert run["predicted_ms"] == pytest.approx(run["target_ms"], rel=0.1)  # the model lands on the request
+    assert run["latency_ms"] > 0 and run["latency_ms_p10"] <= run["latency_ms"] <= run["latency_ms_p90"]
+    assert run["error"] == pytest.approx(run["latency_ms"] / run["target_ms"] - 1)
