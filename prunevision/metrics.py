@@ -71,6 +71,7 @@ METRICS: dict[str, Metric] = {
     "train_time_s": Metric("seconds of gated training", "min", final=True),
     "target_macs": Metric("budget mode: the MACs share asked for", final=True),
     "target_latency_ms": Metric("latency budget: the latency_ms asked for", final=True),
+    "latency_budget_error": Metric("latency budget: measured latency_ms / target_latency_ms − 1", final=True),
 }
 
 EPOCH_METRICS = tuple(k for k, m in METRICS.items() if m.per_epoch)

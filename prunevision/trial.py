@@ -183,6 +183,8 @@ def prune_and_measure(model: nn.Module, data: Dataset, cfg: ExperimentConfig, ou
     if cfg.measure.latency:
         with _timed(tm, "measure_s"):
             metrics.update(_latency_pair(dense, pruned, data, cfg, out))
+        if cfg.gates.target_latency_ms is not None:  # the request against what was measured, not predicted
+            metrics["latency_budget_error"] = metrics["latency_ms"] / cfg.gates.target_latency_ms - 1
     metrics["timings"] = tm
     if run.steps:
         metrics["prune_steps"] = run.steps
@@ -367,6 +369,9 @@ def _summary_line(method: str, m: dict[str, Any]) -> str:
     if "latency_speedup" in m:
         msg += (f", ONNX Runtime CPU b1 {m['latency_ms']:.3f} ms vs {m['latency_ms_dense']:.3f} ms "
                 f"({format_speedup(m['latency_speedup'], m.get('latency_speedup_lo'), m.get('latency_speedup_hi'))})")
+    if "latency_budget_error" in m:
+        msg += (f"; latency budget {m['target_latency_ms']:.4g} ms, measured {m['latency_ms']:.4g} ms "
+                f"({100 * m['latency_budget_error']:+.1f} %)")
     return msg
 
 

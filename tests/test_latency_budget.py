@@ -132,6 +132,7 @@ def test_a_trial_reports_the_latency_it_asked_for_beside_the_one_it_measured(tmp
     m = run_training(cfg, tmp_path / "run", log=None)
     assert m["target_latency_ms"] == 1e3
     assert m["latency_ms"] > 0 and m["latency_ms_dense"] > 0
+    assert m["latency_budget_error"] == pytest.approx(m["latency_ms"] / 1e3 - 1)
     plain = run_training(_cfg(**{"gates.target_macs": 0.9, "train.epochs": 1, "prune.finetune_epochs": 0,
                                  "measure.latency": False, "measure.export": False}), tmp_path / "macs", log=None)
-    assert "target_latency_ms" not in plain  # only latency-budgeted trials carry it
+    assert "target_latency_ms" not in plain and "latency_budget_error" not in plain  # only latency budgets
