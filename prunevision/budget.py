@@ -92,7 +92,6 @@ class MacsModel:
     ):
         self.threshold = threshold
         self.round_to, self.min_channels = round_to, min_channels
-        self.frozen = frozen
         names = {id(m): n for n, m in model.named_modules()}
         out_hw: dict[int, int] = {}
         order: list[tuple[nn.Module, int]] = []  # leaf modules as the forward pass runs them, output channels
@@ -348,24 +347,6 @@ class BudgetController:
         if abs(share / target - 1.0) <= tolerance:
             return None
         return self.macs.project(target)
-
-    def recalibrate(self, model: nn.Module, image_size: int) -> dict | None:
-        """Latency budgets: measure the network pruning would produce now and move the model's fixed part
-        so that the model equals that measurement (its slopes stay): the structure then follows the
-        budget in measured milliseconds, not only in the model's. Widths change latency in steps the
-        model cannot know (the vector width of the CPU's kernels: on an AVX-512 machine small_cnn with
-        17 first-layer channels took 33 % longer than with 16), so an open-loop model landed 4–36 % off
-        the request (benchmarks/RESULTS.md). Returns what was measured and predicted (None: MACs mode)."""
-        if self.calibration is None:
-            return None
-        from prunevision.latency import measure_pruned_ms
-
-        m = self.macs
-        predicted = m.hard_share() * m.reference
-        measured = measure_pruned_ms(model, image_size, m.threshold, round_to=m.round_to,
-                                     min_channels=m.min_channels, skip=m.frozen, threads=self.calibration["threads"])
-        m.offset += measured - predicted
-        return {"measured_ms": measured, "predicted_ms": predicted}
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)

@@ -220,24 +220,3 @@ def _layer_macs(macs: MacsModel) -> list[float]:
     """Each layer's MACs in the network as it is now (unweighted)."""
     return [layer.cost * (layer.n_out if layer.depthwise else layer.n_in * layer.n_out / layer.groups)
             for layer in macs.layers]
-
-
-def measure_pruned_ms(model: nn.Module, image_size: int, threshold: float, *, round_to: int | None,
-                      min_channels: int, skip: tuple = (), threads: int, runs: int = 30, warmup: int = 5) -> float:
-    """The measured latency of the network pruning would produce from ``model`` now (a pruned, gate-free
-    copy, exported and timed like the trial will; ``model`` itself is not touched)."""
-    import copy
-
-    from prunevision.prune import prune_by_gates, strip_gates
-
-    net = copy.deepcopy(model).cpu().eval()
-    example = torch.zeros(LATENCY_BATCH, 3, image_size, image_size)
-    by_id = {id(m): m for m in model.modules()}
-    names = {id(m): n for n, m in model.named_modules()}
-    copied = dict(net.named_modules())
-    skipped = [copied[names[id(m)]] for m in skip if id(m) in by_id and names.get(id(m)) in copied]
-    prune_by_gates(net, example, threshold, round_to=round_to, min_channels=min_channels, skip=skipped or None)
-    strip_gates(net, threshold)
-    sess = _session(net, tuple(example.shape), threads)
-    x = np.random.default_rng(0).standard_normal(tuple(example.shape)).astype(np.float32)
-    return float(_interleaved({"m": lambda: sess.run(None, {"x": x})}, runs, warmup)["m"]["median_ms"])

@@ -351,10 +351,6 @@ def fit(
             record[f"target_{kind}_now"] = target_at(g_cfg, epoch + 1, t_cfg.epochs, budget.target)
             if budget.calibration is not None:
                 record["latency_ms_predicted"] = record["latency_share"] * budget.macs.reference
-                if epoch + 1 >= warmup and epoch + 1 < t_cfg.epochs:
-                    # closed loop: the model is moved onto what the network pruning would produce now
-                    # measures, so the next epoch's projections aim at measured milliseconds
-                    record["latency_ms_measured"] = budget.recalibrate(model, data.image_size)["measured_ms"]
         state.epoch = epoch + 1
         state.history.append(record)
         if log:
@@ -364,9 +360,7 @@ def fit(
                 gates += f"MACs {record['macs_share']:.3f} (budget {record['target_macs_now']:.3f})  "
             elif budget is not None:
                 ref = budget.macs.reference
-                measured = (f", {record['latency_ms_measured']:.3g} measured" if "latency_ms_measured" in record
-                            else "")
-                gates += (f"latency {record['latency_ms_predicted']:.3g} ms predicted{measured} "
+                gates += (f"latency {record['latency_ms_predicted']:.3g} ms predicted "
                           f"(budget {record['target_latency_now'] * ref:.3g} ms)  ")
             acc = f"val acc {record['val_accuracy']:.4f}  " if val_loader is not None else ""
             log(

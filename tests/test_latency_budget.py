@@ -111,13 +111,6 @@ def test_a_latency_budgeted_run_ends_on_its_predicted_budget_and_resumes_with_th
     assert "macs_share" not in last
     closed = sum(int((g.score <= 0).sum()) for _, g in iter_gates(model))
     assert closed > 0
-    # closed loop: from the end of the warm-up the network pruning would produce is measured each epoch
-    # (not after the last one), and the model is moved onto that measurement
-    assert [("latency_ms_measured" in r) for r in state.history] == [True, True, False]
-    got = state.budget.recalibrate(model, data.image_size)
-    m = state.budget.macs
-    assert got["measured_ms"] > 0
-    assert m.hard_share() * m.reference == pytest.approx(got["measured_ms"], rel=1e-6)
     # the checkpointed controller carries its cost model: a resumed run predicts with the same table
     saved = state.budget.state_dict()
     other = BudgetController(copy.deepcopy(state.budget.macs), 0.02, torch.device("cpu"), target=0.9,
