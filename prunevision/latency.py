@@ -1,14 +1,13 @@
 """Latency budgets: a per-layer latency table measured with ONNX Runtime, turned into a differentiable
 cost model of the network pruning will produce.
 
-``gates.target_latency_ms`` asks for the pruned network's ONNX Runtime CPU latency (batch
-``measure.batch``, ``measure.threads`` threads, the setting a trial measures in) instead of a MACs
-share. Before training, every convolution and linear layer of the network is timed alone, at its own
+``gates.target_latency_ms`` asks for the pruned network's ONNX Runtime CPU latency (batch 1,
+``measure.threads`` threads: the ``latency_ms`` a trial reports) instead of a MACs share. Before training, every convolution and linear layer of the network is timed alone, at its own
 shape and input size, twice: at its full width and at half its input and output channels. The
 difference of the two times over the difference of their MACs is that layer's milliseconds per
-multiply-accumulate: what removing channels from that layer buys. Layers differ a lot in this
-(a depthwise or a small-spatial layer costs more per MAC than a wide 3×3 convolution, and a layer
-too small to matter buys nothing), which is what a latency budget can use and a MACs budget cannot.
+multiply-accumulate: what removing channels from that layer buys. Layers can differ in this (a layer
+too small for its width to matter buys nothing; depthwise and small-spatial layers are often less
+efficient per MAC than wide convolutions), which a latency budget can use and a MACs budget cannot.
 
 The cost model is the :class:`prunevision.budget.MacsModel` with each layer's MACs weighted by its
 slope (norms, activations and pooling by the MAC-weighted mean slope), then fitted to two measurements of
@@ -200,7 +199,7 @@ def _two_structures(macs: MacsModel, model: nn.Module, example: torch.Tensor, *,
     frozen = {layer.name for layer in macs.layers if layer.module is not None and not _prunable_out(macs, layer)}
     skip = [m for n, m in half_net.named_modules() if n in frozen]
     prune_structured(half_net, example, "l1_structured", 0.5, skip=skip)
-    both = _sessions({"whole": whole_net, "half": half_net}, example, threads)
+    both = {k: _session(m, tuple(example.shape), threads) for k, m in (("whole", whole_net), ("half", half_net))}
     x = np.random.default_rng(0).standard_normal(tuple(example.shape)).astype(np.float32)
     t = _interleaved({k: (lambda s=s: s.run(None, {"x": x})) for k, s in both.items()}, runs, warmup)
     weights = {layer.name: layer.weight for layer in macs.layers}
@@ -213,10 +212,6 @@ def _two_structures(macs: MacsModel, model: nn.Module, example: torch.Tensor, *,
 
 def _prunable_out(macs: MacsModel, layer) -> bool:
     return any(macs.groups[gi].prunable for gi, _ in layer.outs)
-
-
-def _sessions(nets: dict[str, nn.Module], example: torch.Tensor, threads: int) -> dict:
-    return {k: _session(m, tuple(example.shape), threads) for k, m in nets.items()}
 
 
 def _layer_macs(macs: MacsModel) -> list[float]:
