@@ -2,8 +2,9 @@
 cost model of the network pruning will produce.
 
 ``gates.target_latency_ms`` asks for the pruned network's ONNX Runtime CPU latency (batch 1,
-``measure.threads`` threads: the ``latency_ms`` a trial reports) instead of a MACs share. Before training, every convolution and linear layer of the network is timed alone, at its own
-shape and input size, twice: at its full width and at half its input and output channels. The
+``measure.threads`` threads: the ``latency_ms`` a trial reports) instead of a MACs share. Before
+training, every convolution and linear layer of the network is timed alone, at its own shape and
+input size, twice: at its full width and at half its input and output channels. The
 difference of the two times over the difference of their MACs is that layer's milliseconds per
 multiply-accumulate: what removing channels from that layer buys. Layers can differ in this (a layer
 too small for its width to matter buys nothing; depthwise and small-spatial layers are often less
