@@ -34,7 +34,7 @@ import io
 import math
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,8 +43,8 @@ from torch import nn
 from prunevision.gates import forward_with_hooks
 from prunevision.measure import _interleaved
 
-if TYPE_CHECKING:
-    from prunevision.budget import MacsModel
+# ``macs`` below is a prunevision.budget.MacsModel (budget imports this module, so it is not imported here)
+MacsModel = Any
 
 # a layer whose time does not change with its width buys nothing: its slope is 0, not negative noise
 MIN_SLOPE = 0.0
@@ -192,7 +192,6 @@ def _two_structures(macs: MacsModel, model: nn.Module, example: torch.Tensor, *,
     the copy's weighted cost under ``macs``'s layer weights (layers matched by name)."""
     import copy
 
-    from prunevision.budget import MacsModel
     from prunevision.prune import prune_structured, strip_gates
 
     whole_net = strip_gates(copy.deepcopy(model).cpu()).eval()
@@ -204,7 +203,7 @@ def _two_structures(macs: MacsModel, model: nn.Module, example: torch.Tensor, *,
     x = np.random.default_rng(0).standard_normal(tuple(example.shape)).astype(np.float32)
     t = _interleaved({k: (lambda s=s: s.run(None, {"x": x})) for k, s in both.items()}, runs, warmup)
     weights = {layer.name: layer.weight for layer in macs.layers}
-    half_model = MacsModel(half_net, example, threshold=macs.threshold)
+    half_model = type(macs)(half_net, example, threshold=macs.threshold)
     for layer in half_model.layers:
         layer.weight = weights.get(layer.name, macs.channel_weight)
     half_model.channel_weight = macs.channel_weight
