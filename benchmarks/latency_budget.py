@@ -32,7 +32,8 @@ def dense_latency_ms(base: dict, model: str, runs: int) -> float:
 
     from prunevision.config import load_config
     from prunevision.data import load_dataset
-    from prunevision.latency import _interleaved, _session
+    from prunevision.latency import onnx_session
+    from prunevision.measure import time_sessions
     from prunevision.models import build_gated_model
     from prunevision.pipeline import resolve_config
     from prunevision.prune import strip_gates
@@ -42,9 +43,8 @@ def dense_latency_ms(base: dict, model: str, runs: int) -> float:
     cfg = resolve_config(cfg, data)
     net = strip_gates(copy.deepcopy(build_gated_model(cfg.model, cfg.gates, data.num_classes, data.image_size)))
     shape = (1, 3, data.image_size, data.image_size)
-    sess = _session(net, shape, cfg.measure.threads)
-    x = torch.randn(shape).numpy()
-    return float(_interleaved({"d": lambda: sess.run(None, {"x": x})}, runs, 10)["d"]["median_ms"])
+    sess = onnx_session(net, shape, cfg.measure.threads)
+    return float(time_sessions({"d": sess}, {"d": torch.randn(shape).numpy()}, runs, 10)["d"]["median_ms"])
 
 
 def run_one(base: dict, model: str, target_ms: float, fraction: float, seed: int) -> dict:

@@ -62,6 +62,10 @@ class _Layer:
     module: nn.Module | None = None
     weight: float = 1.0  # what one of its MACs costs (1: counting MACs; ms per MAC: a latency model)
 
+    def macs(self, a_in, a_out):
+        """Its MACs with ``a_in`` input and ``a_out`` output channels (depthwise: ``a_in`` is not used)."""
+        return self.cost * a_out if self.depthwise else self.cost * a_in * a_out / self.groups
+
 
 def _side(dep) -> str | None:
     name = getattr(dep.handler, "__name__", "")
@@ -189,11 +193,7 @@ class MacsModel:
                     a = a + m * counts[gi]
                 return a
 
-            a_out = alive(layer.outs, layer.n_out)
-            if layer.depthwise:
-                macs = layer.cost * a_out
-            else:
-                macs = layer.cost * alive(layer.ins, layer.n_in) * a_out / layer.groups
+            macs = layer.macs(None if layer.depthwise else alive(layer.ins, layer.n_in), alive(layer.outs, layer.n_out))
             total = total.to(macs.device) + layer.weight * macs
         for g, c in zip(self.groups, counts):
             if g.per_channel:

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from prunevision.gates import forward_with_hooks
-from prunevision.measure import _interleaved
+from prunevision.measure import ort_timing_session, time_sessions
 
 # ``macs`` below is a prunevision.budget.MacsModel (budget imports this module, so it is not imported here)
 MacsModel = Any
@@ -95,19 +95,13 @@ def _standalone(mod: nn.Module, in_shape: tuple[int, ...], half: bool) -> tuple[
     return layer, shape, float(math.prod(shape[1:-1]) * c_in * c_out)
 
 
-def _session(layer: nn.Module, shape: tuple[int, ...], threads: int):
-    import onnxruntime as ort
-
+def onnx_session(layer: nn.Module, shape: tuple[int, ...], threads: int):
+    """``layer`` exported (input ``shape``) into an ONNX Runtime session set up as a trial times its models."""
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(layer.eval(), (torch.zeros(shape),), buf, dynamo=False, input_names=["x"])
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
-    return ort.InferenceSession(buf.getvalue(), so, providers=["CPUExecutionProvider"])
+    return ort_timing_session(buf.getvalue(), threads, quiet=True)
 
 
 def input_shapes(model: nn.Module, example: torch.Tensor) -> dict[int, tuple[int, ...]]:
@@ -129,14 +123,13 @@ def time_layers(named: list[tuple[str, nn.Module]], shapes: dict[int, tuple[int,
     out = []
     for name, mod in named:
         shape = (batch, *shapes[id(mod)][1:])
-        fns, macs = {}, {}
+        sessions, inputs, macs = {}, {}, {}
         for key in ("full", "half"):
             layer, s, m = _standalone(mod, shape, half=key == "half")
-            sess = _session(layer, s, threads)
-            x = rng.standard_normal(s).astype(np.float32)
-            fns[key] = (lambda sess=sess, x=x: sess.run(None, {"x": x}))
+            sessions[key] = onnx_session(layer, s, threads)
+            inputs[key] = rng.standard_normal(s).astype(np.float32)
             macs[key] = m  # per image: the cost model counts one image's MACs
-        t = _interleaved(fns, runs, warmup)
+        t = time_sessions(sessions, inputs, runs, warmup)
         out.append(LayerTiming(name, t["full"]["median_ms"], t["half"]["median_ms"], macs["full"], macs["half"]))
     return out
 
@@ -199,9 +192,9 @@ def _two_structures(macs: MacsModel, model: nn.Module, example: torch.Tensor, *,
     frozen = {layer.name for layer in macs.layers if layer.module is not None and not _prunable_out(macs, layer)}
     skip = [m for n, m in half_net.named_modules() if n in frozen]
     prune_structured(half_net, example, "l1_structured", 0.5, skip=skip)
-    both = {k: _session(m, tuple(example.shape), threads) for k, m in (("whole", whole_net), ("half", half_net))}
+    both = {k: onnx_session(m, tuple(example.shape), threads) for k, m in (("whole", whole_net), ("half", half_net))}
     x = np.random.default_rng(0).standard_normal(tuple(example.shape)).astype(np.float32)
-    t = _interleaved({k: (lambda s=s: s.run(None, {"x": x})) for k, s in both.items()}, runs, warmup)
+    t = time_sessions(both, {"whole": x, "half": x}, runs, warmup)
     weights = {layer.name: layer.weight for layer in macs.layers}
     half_model = type(macs)(half_net, example, threshold=macs.threshold)
     for layer in half_model.layers:
@@ -216,5 +209,4 @@ def _prunable_out(macs: MacsModel, layer) -> bool:
 
 def _layer_macs(macs: MacsModel) -> list[float]:
     """Each layer's MACs in the network as it is now (unweighted)."""
-    return [layer.cost * (layer.n_out if layer.depthwise else layer.n_in * layer.n_out / layer.groups)
-            for layer in macs.layers]
+    return [layer.macs(layer.n_in, layer.n_out) for layer in macs.layers]

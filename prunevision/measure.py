@@ -70,22 +70,37 @@ def _interleaved(fns: dict[str, Callable[[], None]], runs: int, warmup: int, rou
     return {k: _summary(v, per_round_medians[k]) for k, v in times.items()}
 
 
+def ort_timing_session(model: str | Path | bytes, threads: int, quiet: bool = False):
+    """An ONNX Runtime CPU session set up as every latency in prunevision is measured (a trial's
+    ``latency_ms`` and the latency budgets' table alike, so that the two agree): ``threads`` intra-op
+    threads, one inter-op thread, all graph optimisations. ``quiet``: warnings not logged."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if quiet:
+        so.log_severity_level = 3
+    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), so,
+                                providers=["CPUExecutionProvider"])
+
+
+def time_sessions(sessions: dict[str, Any], inputs: dict[str, np.ndarray], runs: int, warmup: int) -> dict[str, dict]:
+    """Each ONNX Runtime session run on its own input, interleaved in rounds (:func:`_interleaved`)."""
+    fns = {}
+    for k, sess in sessions.items():
+        name = sess.get_inputs()[0].name
+        fns[k] = (lambda s=sess, n=name, x=inputs[k]: s.run(None, {n: x}))
+    return _interleaved(fns, runs, warmup)
+
+
 def onnx_latency(paths: dict[str, str | Path], image_size: int, batch: int = 1, runs: int = 30, warmup: int = 10,
                  threads: int = 1) -> dict[str, dict]:
     """ONNX Runtime CPU latency of each model, measured in the same run."""
-    import onnxruntime as ort
-
     x = np.random.default_rng(0).standard_normal((batch, 3, image_size, image_size)).astype(np.float32)
-    fns = {}
-    for k, p in paths.items():
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        sess = ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"])
-        name = sess.get_inputs()[0].name
-        fns[k] = (lambda s=sess, n=name: s.run(None, {n: x}))
-    out = _interleaved(fns, runs, warmup)
+    out = time_sessions({k: ort_timing_session(p, threads) for k, p in paths.items()}, {k: x for k in paths},
+                        runs, warmup)
     for v in out.values():
         v.update({"batch": batch, "threads": threads, "engine": "onnxruntime-cpu"})
     return out
