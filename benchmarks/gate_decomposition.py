@@ -126,7 +126,7 @@ def _fisher_follow(self, target: float, tolerance: float | None = None):
         for gate, _, _ in g.gates:
             marginal.setdefault(id(gate), max(float(grad) if grad is not None else 0.0, 1.0))
     with torch.no_grad():
-        gates = [g for g in macs._prunable_gates() if id(g.score) in _FISHER and _FISHER[id(g.score)].any()]
+        gates = [g for g in macs.prunable_gates() if id(g.score) in _FISHER and _FISHER[id(g.score)].any()]
         if not gates:
             return macs.project(target)
         base = {id(g): (_FISHER[id(g.score)] + 1e-30).log() - float(np.log(marginal[id(g)])) for g in gates}

@@ -5,7 +5,9 @@ first; each request is a fraction of it. Each run is a whole trial (``run_traini
 measured before training, gated training to the budget, pruning, fine-tuning, export, and the pruned
 network's latency measured interleaved with the dense network's). Reported per run: the request, the
 latency model's last prediction, the measured latency (median, 10th–90th percentile) and its error against
-the request, and the speed-up over the dense network measured in the same trial.
+the request, and the speed-up over the dense network measured in the same trial. "Landed" is what training
+timed at its last measured landing (``prunevision.latency.land``: the structure nearest the request by the
+clock, not by the model).
 
     .venv/bin/python benchmarks/latency_budget.py --data ../shared/data/cifar10-jpeg.tar.gz
     .venv/bin/python benchmarks/latency_budget.py --smoke-test
@@ -57,7 +59,8 @@ def run_one(base: dict, model: str, target_ms: float, fraction: float, seed: int
         m = run_training(cfg, Path(tmp) / "run", log=None, reporter=lambda r, _save: records.append(r))
     last = [r for r in records if "latency_ms_predicted" in r][-1]
     return {"model": model, "seed": seed, "fraction": fraction, "target_ms": target_ms,
-            "predicted_ms": last["latency_ms_predicted"], "latency_ms": m["latency_ms"],
+            "predicted_ms": last["latency_ms_predicted"], "landed_ms": last.get("latency_ms_measured"),
+            "latency_ms": m["latency_ms"],
             "latency_ms_p10": m["latency"]["onnxruntime_cpu_b1"]["pruned"]["p10_ms"],
             "latency_ms_p90": m["latency"]["onnxruntime_cpu_b1"]["pruned"]["p90_ms"],
             "latency_ms_dense": m["latency_ms_dense"], "error": m["latency_ms"] / target_ms - 1,
@@ -110,12 +113,16 @@ def main() -> int:
     rows = [{"model": r["model"], "seed": r["seed"],
              "requested": f"{r['target_ms']:.4f} ms ({r['fraction']:g} of dense)",
              "predicted": f"{r['predicted_ms']:.4f} ms",
+             "landed (timed in training)": f"{r['landed_ms']:.4f} ms" if r.get("landed_ms") else "—",
              "measured": f"{r['latency_ms']:.4f} ms ({r['latency_ms_p10']:.4f}–{r['latency_ms_p90']:.4f})",
              "error": f"{100 * r['error']:+.1f} %",
              "speed-up (same run)": f"{r['speedup']:.2f}× ({r['speedup_lo']:.2f}–{r['speedup_hi']:.2f})",
              "MACs": f"{r['macs_reduction']:.2f}× fewer",
              "accuracy (dense)": f"{100 * r['accuracy']:.2f} % ({100 * r['accuracy_dense']:.2f} %)"} for r in runs]
     table = md_table(rows, list(rows[0]))
+    errors = [abs(r["error"]) for r in runs]
+    table += (f"\n\nMean |error| {100 * sum(errors) / len(errors):.1f} %, largest {100 * max(errors):.1f} %; "
+              f"{sum(e <= 0.1 for e in errors)} of {len(errors)} runs within ±10 %.")
     print(table)
     write_raw(args.out, base, runs)
     if not args.smoke_test and args.results_md:

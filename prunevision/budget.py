@@ -23,6 +23,7 @@ guessed.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -96,6 +97,7 @@ class MacsModel:
     ):
         self.threshold = threshold
         self.round_to, self.min_channels = round_to, min_channels
+        self.frozen = tuple(frozen)  # layers whose channels stay (prune.skip_first), as pruning will keep them
         names = {id(m): n for n, m in model.named_modules()}
         out_hw: dict[int, int] = {}
         order: list[tuple[nn.Module, int]] = []  # leaf modules as the forward pass runs them, output channels
@@ -235,6 +237,10 @@ class MacsModel:
             out.append(torch.tensor(float(keep_count(g.n, int(closed.sum()), self.min_channels, self.round_to))))
         return out
 
+    def structure(self) -> tuple[int, ...]:
+        """Channels every group keeps in the network pruning would produce now."""
+        return tuple(int(c) for c in self._hard_counts())
+
     def share(self) -> torch.Tensor:
         """MACs share: value = the network pruning would produce now; gradient through the gates."""
         soft = self._soft_counts()
@@ -248,7 +254,7 @@ class MacsModel:
     def hard_share(self) -> float:
         return float((self._macs(self._hard_counts()) + self.offset) / self.reference)
 
-    def _prunable_gates(self) -> list[ChannelGate]:
+    def prunable_gates(self) -> list[ChannelGate]:
         seen: dict[int, ChannelGate] = {}
         for g in self.groups:
             if g.prunable:
@@ -256,17 +262,33 @@ class MacsModel:
                     seen.setdefault(id(gate), gate)
         return list(seen.values())
 
+    @contextlib.contextmanager
+    def shifted(self, shift: float):
+        """Inside the block every prunable gate's score is lowered by ``shift`` (restored exactly after)."""
+        saved = [(g.score, g.score.detach().clone()) for g in self.prunable_gates()]
+        self.apply_shift(shift)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for score, value in saved:
+                    score.copy_(value)
+
     @torch.no_grad()
+    def apply_shift(self, shift: float) -> None:
+        """Lower every prunable gate's score by ``shift``: a common shift keeps the order training gave them."""
+        for gate in self.prunable_gates():
+            gate.score.sub_(shift)
+
+    def score_range(self) -> tuple[float, float]:
+        """Shifts from which every prunable gate is open (first) and closed (second)."""
+        scores = torch.cat([g.score.detach().reshape(-1).float().cpu() for g in self.prunable_gates()])
+        return float(scores.min()) - 10.0, float(scores.max()) + 10.0
+
     def share_if_shifted(self, shift: float) -> float:
         """The pruned network's MACs share if every prunable gate's score were lowered by ``shift``."""
-        gates = self._prunable_gates()
-        for gate in gates:
-            gate.score.sub_(shift)
-        try:
+        with self.shifted(shift):
             return self.hard_share()
-        finally:
-            for gate in gates:
-                gate.score.add_(shift)
 
     @torch.no_grad()
     def project(self, target: float, iterations: int = 30) -> float:
@@ -274,11 +296,9 @@ class MacsModel:
         pruning would produce keeps as close to ``target`` of the MACs as the gates allow; returns the
         new share. A common shift keeps the order the training gave the gates. Nothing moves when no
         shift comes nearer than where the gates are (``round_to`` makes the widths move in steps)."""
-        gates = self._prunable_gates()
-        if not gates:
+        if not self.prunable_gates():
             return self.hard_share()
-        scores = torch.cat([g.score.detach().reshape(-1).float().cpu() for g in gates])
-        lo, hi = float(scores.min()) - 10.0, float(scores.max()) + 10.0  # share(lo) = most open, share(hi) = floor
+        lo, hi = self.score_range()  # share(lo) = most open, share(hi) = floor
         if self.share_if_shifted(hi) > target:
             best = hi
         else:
@@ -293,8 +313,7 @@ class MacsModel:
             best = lo if abs(s_lo - target) < abs(s_hi - target) else hi
         if abs(self.share_if_shifted(best) - target) >= abs(self.hard_share() - target):
             return self.hard_share()  # a common shift cannot come nearer (width rounding): leave it to training
-        for gate in gates:
-            gate.score.sub_(best)
+        self.apply_shift(best)
         return self.hard_share()
 
     @torch.no_grad()

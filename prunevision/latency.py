@@ -33,6 +33,7 @@ from __future__ import annotations
 import io
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -210,3 +211,74 @@ def _prunable_out(macs: MacsModel, layer) -> bool:
 def _layer_macs(macs: MacsModel) -> list[float]:
     """Each layer's MACs in the network as it is now (unweighted)."""
     return [layer.macs(layer.n_in, layer.n_out) for layer in macs.layers]
+
+
+LANDING_TOLERANCE = 0.05  # a measured structure this near the request (relative) is kept as it is
+LANDING_ITERATIONS = 12  # bisection steps over the common shift of the gate scores
+
+
+def measure_pruned_ms(model: nn.Module, macs: MacsModel, image_size: int, *, threads: int, runs: int = 30,
+                      warmup: int = 5) -> float:
+    """Measured latency (ms, ONNX Runtime CPU, batch 1) of the network pruning would produce from ``model``
+    now: a copy pruned by its gates as the trial will prune it (``macs``'s threshold, width floor, rounding
+    and frozen layers), gates folded, exported and timed. ``model`` itself is not touched."""
+    import copy
+
+    from prunevision.prune import prune_by_gates, strip_gates
+
+    names = {id(m): n for n, m in model.named_modules()}
+    net = copy.deepcopy(model).cpu().eval()
+    copied = dict(net.named_modules())
+    skip = [copied[names[id(m)]] for m in macs.frozen if names.get(id(m)) in copied]
+    example = torch.zeros(LATENCY_BATCH, 3, image_size, image_size)
+    prune_by_gates(net, example, macs.threshold, round_to=macs.round_to, min_channels=macs.min_channels,
+                   skip=skip or None)
+    strip_gates(net, macs.threshold)
+    session = onnx_session(net, tuple(example.shape), threads)
+    x = np.random.default_rng(0).standard_normal(tuple(example.shape)).astype(np.float32)
+    return float(time_sessions({"m": session}, {"m": x}, runs, warmup)["m"]["median_ms"])
+
+
+def land(macs: MacsModel, target_ms: float, measure: Callable[[], float], *, tolerance: float = LANDING_TOLERANCE,
+         iterations: int = LANDING_ITERATIONS) -> dict[str, Any]:
+    """Put the gates on the structure whose *measured* latency is nearest ``target_ms``; ``measure()``
+    times the network pruning would produce now (:func:`measure_pruned_ms`).
+
+    The cost model is fitted to two structures, and latency moves in steps with the widths (ONNX
+    Runtime's convolutions work in blocks of channels), so a structure on the model's budget measured
+    4–36 % off it (benchmarks/RESULTS.md). Here the network pruning would produce is timed; when it is
+    further than ``tolerance`` from the request, a bisection over one common shift of every prunable
+    gate's score (the order training gave the gates is kept, as in :meth:`MacsModel.project`) times the
+    structures it passes through and keeps the nearest one measured. Each distinct structure is timed
+    once. Returns what was measured: before, after, the shift, how many structures were timed."""
+    cache: dict[tuple[int, ...], float] = {}
+
+    def measured(shift: float) -> float:
+        with macs.shifted(shift):
+            key = macs.structure()
+            if key not in cache:
+                cache[key] = float(measure())
+            return cache[key]
+
+    def error(ms: float) -> float:
+        return abs(ms / target_ms - 1.0)
+
+    before = measured(0.0)
+    best_shift, best_ms = 0.0, before
+    if error(before) > tolerance and macs.prunable_gates():
+        open_all, closed_all = macs.score_range()
+        lo, hi = (0.0, closed_all) if before > target_ms else (open_all, 0.0)  # measured(lo) > target > (hi)
+        for _ in range(iterations):
+            mid = (lo + hi) / 2
+            ms = measured(mid)
+            if error(ms) < error(best_ms):
+                best_shift, best_ms = mid, ms
+            if error(ms) <= tolerance:
+                break
+            if ms > target_ms:
+                lo = mid
+            else:
+                hi = mid
+        macs.apply_shift(best_shift)
+    return {"measured_before_ms": before, "measured_ms": best_ms, "target_ms": target_ms, "shift": best_shift,
+            "structures_timed": len(cache)}

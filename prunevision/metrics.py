@@ -45,6 +45,8 @@ METRICS: dict[str, Metric] = {
                                  per_epoch=True),
     "latency_ms_predicted": Metric("latency budget: the latency model's prediction for the network now, ms",
                                    per_epoch=True),
+    "latency_ms_measured": Metric("latency budget: the measured latency of the structure the gates were put on "
+                                  "(when the final budget is first in force, and at the end), ms", per_epoch=True),
     # final only (prunevision.trial.prune_and_measure's metrics, pruned against dense)
     "val_accuracy_dense": Metric("dense network's validation accuracy", final=True),
     "accuracy": Metric("pruned model's test accuracy (reported, never chosen on)", "max", final=True),

@@ -32,7 +32,8 @@ from prunevision.config import ExperimentConfig, from_dict
 from prunevision.data import Dataset, DeviceLoader
 from prunevision.fsutil import atomic_write, require_file
 from prunevision.gates import clamp_scores, gate_parameters, gate_stats, penalty, set_temperature
-from prunevision.schedules import budget_warmup, lam_at, lr_at, target_at, temperature_at
+from prunevision.latency import land, measure_pruned_ms
+from prunevision.schedules import budget_in_force, budget_warmup, lam_at, lr_at, target_at, temperature_at
 
 CHECKPOINT_FORMAT = "prunevision-train-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -265,6 +266,8 @@ def fit(
     total_steps = steps * t_cfg.epochs
     follow_every = max(1, steps // BudgetController.FOLLOW_EVERY)
     warmup = budget_warmup(g_cfg, t_cfg.epochs)
+    # when the final budget is first in force, and at the end (the hold epochs may have moved the structure)
+    landing_epochs = {max(1, math.ceil(budget_in_force(g_cfg, t_cfg.epochs) - 1e-9)), t_cfg.epochs}
     interactive = sys.stderr.isatty()
     for epoch in range(state.epoch, t_cfg.epochs):
         model.train()
@@ -323,6 +326,14 @@ def fit(
         if not math.isfinite(task_sum.item()):
             raise FloatingPointError(f"training diverged in epoch {epoch + 1} (loss is not finite); lower train.lr")
         train_time = time.perf_counter() - t0
+        landed = None
+        if budget is not None and budget.calibration is not None and epoch + 1 in landing_epochs:
+            # latency budgets: the structure is put where its measured latency is nearest the request
+            # (the model's prediction is steps away from it, prunevision.latency.land), and the budget
+            # is held there from now on
+            landed = land(budget.macs, cfg.latency_budget, lambda: measure_pruned_ms(
+                model, budget.macs, data.image_size, threads=cfg.measure.threads))
+            budget.target = budget.macs.hard_share()
         ev = evaluate(model, test_loader, data.num_classes, amp=amp)
         ev_val = evaluate(model, val_loader, data.num_classes, amp=amp) if val_loader is not None else ev
         stats = gate_stats(model, cfg.tau)
@@ -351,6 +362,8 @@ def fit(
             record[f"target_{kind}_now"] = target_at(g_cfg, epoch + 1, t_cfg.epochs, budget.target)
             if budget.calibration is not None:
                 record["latency_ms_predicted"] = record["latency_share"] * budget.macs.reference
+                if landed is not None:
+                    record["latency_ms_measured"] = landed["measured_ms"]
         state.epoch = epoch + 1
         state.history.append(record)
         if log:
@@ -360,7 +373,9 @@ def fit(
                 gates += f"MACs {record['macs_share']:.3f} (budget {record['target_macs_now']:.3f})  "
             elif budget is not None:
                 ref = budget.macs.reference
-                gates += (f"latency {record['latency_ms_predicted']:.3g} ms predicted "
+                measured = (f", {record['latency_ms_measured']:.3g} measured" if "latency_ms_measured" in record
+                            else "")
+                gates += (f"latency {record['latency_ms_predicted']:.3g} ms predicted{measured} "
                           f"(budget {record['target_latency_now'] * ref:.3g} ms)  ")
             acc = f"val acc {record['val_accuracy']:.4f}  " if val_loader is not None else ""
             log(

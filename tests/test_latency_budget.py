@@ -11,7 +11,7 @@ import torch
 from prunevision.budget import BudgetController, BudgetError, MacsModel, budget_for
 from prunevision.config import ConfigError, GateConfig, ModelConfig, load_config
 from prunevision.gates import iter_gates
-from prunevision.latency import _two_structures, calibrate, input_shapes, time_layers
+from prunevision.latency import _two_structures, calibrate, input_shapes, land, measure_pruned_ms, time_layers
 from prunevision.models import build_gated_model
 from prunevision.train import fit
 
@@ -79,6 +79,66 @@ def test_the_latency_model_equals_both_measured_networks(name):
     assert 0 < half_cost < mm.dense_cost()
 
 
+def _stepped_latency(mm: MacsModel):
+    """A stand-in for the clock with ONNX Runtime's shape: latency moves in blocks of 16 channels."""
+    calls = []
+
+    def measure():
+        calls.append(mm.structure())
+        return 0.05 + sum(0.01 * -(-c // 16) * 16 / 16 for c in mm.structure())
+
+    return measure, calls
+
+
+def _gated_small_cnn():
+    torch.manual_seed(0)
+    model = build_gated_model(ModelConfig(name="small_cnn"), GateConfig(kind="ste"), 10, 16)
+    with torch.no_grad():
+        for _, g in iter_gates(model):
+            g.score.copy_(torch.rand_like(g.score) * 4 + 0.1)  # all open, in an order training could have left
+    return model, MacsModel(model, torch.zeros(1, 3, 16, 16), threshold=1e-6)
+
+
+def test_landing_keeps_a_structure_already_near_the_request_and_times_it_once():
+    model, mm = _gated_small_cnn()
+    measure, calls = _stepped_latency(mm)
+    scores = [g.score.clone() for _, g in iter_gates(model)]
+    now = measure()
+    calls.clear()
+    out = land(mm, now * 1.03, measure)
+    assert out["measured_ms"] == out["measured_before_ms"] == now and out["shift"] == 0.0
+    assert len(calls) == 1 and out["structures_timed"] == 1
+    assert all(torch.equal(a, g.score) for a, (_, g) in zip(scores, iter_gates(model)))
+
+
+def test_landing_moves_the_gates_to_the_structure_measured_nearest_the_request():
+    model, mm = _gated_small_cnn()
+    measure, calls = _stepped_latency(mm)
+    dense = measure()
+    scores = [g.score.clone() for _, g in iter_gates(model)]
+    for want in (dense * 0.6, dense * 0.8):
+        calls.clear()
+        out = land(mm, want, measure)
+        assert len(set(calls)) == len(calls) == out["structures_timed"] > 1  # each structure timed once
+        assert abs(measure() / want - 1) <= 0.05  # the clock, not the model, says where it landed
+        assert out["measured_ms"] == pytest.approx(measure())
+        # one common shift of every score: the order training gave the gates is kept
+        assert out["shift"] > 0
+        assert all(torch.allclose(a - g.score, torch.full_like(a, out["shift"])) for a, (_, g) in
+                   zip(scores, iter_gates(model)))
+        mm.apply_shift(-out["shift"])  # back to the start for the next request
+
+
+def test_the_pruned_network_is_timed_as_the_trial_will_prune_it_and_the_model_is_untouched():
+    model, mm = _gated_small_cnn()
+    before = copy.deepcopy(model.state_dict())
+    dense_ms = measure_pruned_ms(model, mm, 16, threads=1, runs=20, warmup=2)
+    with mm.shifted(mm.score_range()[1]):  # every gate closed: the width floor
+        floor_ms = measure_pruned_ms(model, mm, 16, threads=1, runs=20, warmup=2)
+    assert 0 < floor_ms < dense_ms
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def test_a_latency_under_the_floor_is_refused_before_training():
     cfg = _cfg(**{"gates.target_latency_ms": 1e-6})
     from prunevision.data import load_dataset
@@ -109,6 +169,10 @@ def test_a_latency_budgeted_run_ends_on_its_predicted_budget_and_resumes_with_th
     assert last["target_latency_now"] == pytest.approx(state.budget.target)
     assert state.history[0]["latency_share"] > 0.9  # warm-up: dense
     assert "macs_share" not in last
+    # measured landings: when the final budget is first in force (epoch 2 here) and at the end
+    assert [r["epoch"] for r in state.history if "latency_ms_measured" in r] == [2, 3]
+    assert all(r["latency_ms_measured"] > 0 for r in state.history[1:])
+    assert last["latency_share"] == pytest.approx(state.budget.target)  # the landed structure is the budget held
     closed = sum(int((g.score <= 0).sum()) for _, g in iter_gates(model))
     assert closed > 0
     # the checkpointed controller carries its cost model: a resumed run predicts with the same table
