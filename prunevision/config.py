@@ -151,7 +151,8 @@ class GateConfig:
     target_macs: Optional[float] = None
     # Latency budget: the pruned network's ONNX Runtime CPU latency in ms (batch 1, measure.threads threads,
     # what a trial reports as latency_ms), met like a MACs budget through a per-layer latency table measured
-    # before training (prunevision/latency.py). One of target_macs and target_latency_ms.
+    # before training and landed by the clock (the structure timed nearest the request, prunevision/latency.py).
+    # One of target_macs and target_latency_ms.
     target_latency_ms: Optional[float] = None
     budget_lr: float = 0.02  # ascent rate of the two Lagrange multipliers (Adam, maximising)
     penalty: PenaltyMode = "mean"
