@@ -274,7 +274,8 @@ def one(budget: float, seed: int, variant: str, base: dict, baselines: bool) -> 
         _FISHER.clear()
     example = torch.zeros(1, 3, data.image_size, data.image_size)
     prune_step(model, example, "gate", threshold=cfg.tau, ratio=0.0, round_to=cfg.prune.round_to,
-               min_channels=cfg.prune.min_channels)
+               min_channels=cfg.prune.min_channels, max_layer_sparsity=cfg.prune.max_layer_sparsity,
+               skip_first=cfg.prune.skip_first)
     strip_gates(model, cfg.tau)
     keep_zeros(model)
     gate_widths = widths(model)
@@ -300,7 +301,8 @@ def one(budget: float, seed: int, variant: str, base: dict, baselines: bool) -> 
     for prefix, method in (("uniform", "taylor"), ("l1_uniform", "l1_structured")):
         m = copy.deepcopy(dense)
         prune_step(m, example, method, threshold=cfg.tau, ratio=ratio, round_to=cfg.prune.round_to,
-                   calibration=calibration)
+                   max_layer_sparsity=cfg.prune.max_layer_sparsity, calibration=calibration,
+                   skip_first=cfg.prune.skip_first)
         row.update({f"{prefix}_widths": widths(m), f"{prefix}_before_ft": test(m)})
         finetune(m, data, cfg, cfg.prune.finetune_epochs, penalty=False, phase="finetune", log=None)
         row.update({prefix: test(m), f"{prefix}_share": macs_and_params(m, data.image_size)[0] / dense_macs})

@@ -9,8 +9,9 @@ outputs. A layer's MACs are ``k_h·k_w·H·W · C_in·C_out / groups`` (depthwis
 product is what makes a budget of 0.125 reachable at all, where a penalty that counts each gate's
 own MACs (``gates.penalty=flops``) is linear in the gates. The channel count of a group is the
 number of positions where some gate of the group is open; its value in the forward pass is the
-count pruning will keep (closed channels removed, ``min_channels`` and ``round_to`` applied), its
-gradient that of the differentiable open probabilities (:meth:`ChannelGate.open_prob`). Everything
+count pruning will keep (closed channels removed, ``min_channels``, ``round_to`` and
+``max_layer_sparsity`` applied), its gradient that of the differentiable open probabilities
+(:meth:`ChannelGate.open_prob`). Everything
 the model does not cover (norms, pooling, the classifier's bias) is a constant calibrated so that
 the model equals torch-pruning's own count of the dense network.
 
@@ -93,10 +94,12 @@ class MacsModel:
         reference_macs: float | None = None,
         round_to: int | None = None,
         min_channels: int = 1,
+        max_layer_sparsity: float | None = None,
         frozen: tuple[nn.Module, ...] = (),
     ):
         self.threshold = threshold
         self.round_to, self.min_channels = round_to, min_channels
+        self.max_layer_sparsity = max_layer_sparsity
         self.frozen = tuple(frozen)  # layers whose channels stay (prune.skip_first), as pruning will keep them
         names = {id(m): n for n, m in model.named_modules()}
         out_hw: dict[int, int] = {}
@@ -218,7 +221,10 @@ class MacsModel:
                 placed = torch.zeros(g.n, device=p.device, dtype=p.dtype).index_copy(0, roots.to(p.device), p[idxs.to(
                     p.device)])
                 vec = placed if vec is None else torch.maximum(vec, placed)
-            out.append(vec.sum())
+            count = vec.sum()
+            if self.max_layer_sparsity is not None:  # under the cap, closing more saves nothing: no gradient
+                count = torch.clamp(count, min=math.ceil(g.n * (1 - self.max_layer_sparsity)))
+            out.append(count)
         return out
 
     @torch.no_grad()
@@ -234,7 +240,8 @@ class MacsModel:
                     c = torch.ones(g.n, dtype=torch.bool)
                     c[roots] = gate.closed(self.threshold).cpu()[idxs]
                     closed &= c
-            out.append(torch.tensor(float(keep_count(g.n, int(closed.sum()), self.min_channels, self.round_to))))
+            out.append(torch.tensor(float(keep_count(g.n, int(closed.sum()), self.min_channels, self.round_to,
+                                                     self.max_layer_sparsity))))
         return out
 
     def structure(self) -> tuple[int, ...]:
@@ -434,7 +441,8 @@ def budget_for(model: nn.Module, cfg, image_size: int, device: torch.device) -> 
     example = torch.zeros(1, 3, image_size, image_size, device=device)
     frozen = tuple(first_convs(model, p.skip_first)) if p.skip_first else ()
     macs = MacsModel(model, example, threshold=cfg.tau, reference_macs=getattr(model, "pv_dense_macs", None),
-                     round_to=p.round_to, min_channels=p.min_channels, frozen=frozen)
+                     round_to=p.round_to, min_channels=p.min_channels, max_layer_sparsity=p.max_layer_sparsity,
+                     frozen=frozen)
     if getattr(model, "pv_dense_macs", None) is None:
         model.pv_dense_macs = macs.reference
     if cfg.latency_budget is None:

@@ -241,11 +241,15 @@ def _names(model: nn.Module) -> dict[int, str]:
     return {id(m): n for n, m in model.named_modules()}
 
 
-def keep_count(n: int, n_closed: int, min_channels: int, round_to: int | None) -> int:
-    """Channels a group keeps: the open ones, at least ``min_channels``, rounded up to ``round_to``."""
+def keep_count(n: int, n_closed: int, min_channels: int, round_to: int | None,
+               max_layer_sparsity: float | None = None) -> int:
+    """Channels a group keeps: the open ones, at least ``min_channels``, rounded up to ``round_to``, and never
+    fewer than ``1 − max_layer_sparsity`` of ``n``."""
     keep = max(n - n_closed, min(min_channels, n), 1)
     if round_to:
         keep = min(n, int(math.ceil(keep / round_to) * round_to))
+    if max_layer_sparsity is not None:
+        keep = max(keep, int(math.ceil(n * (1 - max_layer_sparsity))))
     return keep
 
 
@@ -304,9 +308,7 @@ def prune_by_gates(
         dim_imp = imp.view(ch_groups, -1).max(dim=0).values
         n = len(dim_imp)
         closed = (dim_imp < threshold).nonzero().flatten()
-        keep = keep_count(n, len(closed), min_channels, round_to)
-        if max_layer_sparsity is not None:
-            keep = max(keep, int(math.ceil(n * (1 - max_layer_sparsity))))
+        keep = keep_count(n, len(closed), min_channels, round_to, max_layer_sparsity)
         n_remove = n - keep
         if n_remove <= 0:
             continue

@@ -50,6 +50,29 @@ def test_macs_model_equals_the_pruned_networks_count(name, kind):
     assert predicted == pytest.approx(real, rel=0.01)
 
 
+@pytest.mark.parametrize("name", ["small_cnn", "resnet18"])
+def test_macs_model_counts_the_per_layer_cap_as_pruning_applies_it(name):
+    """prune.max_layer_sparsity keeps channels whose gates are closed: a budget must count them, and closing
+    more of a capped layer must not look like a saving to the Lagrangian."""
+    torch.manual_seed(0)
+    model = build_gated_model(ModelConfig(name=name), GateConfig(kind="ste"), 10, 32).eval()
+    ex = torch.zeros(1, 3, 32, 32)
+    dense = macs_and_params(strip_gates(copy.deepcopy(model)), 32)[0]
+    mm = MacsModel(model, ex, threshold=1e-6, round_to=None, min_channels=1, max_layer_sparsity=0.5)
+    uncapped = MacsModel(model, ex, threshold=1e-6, round_to=None, min_channels=1)
+    _close_random(model, 0.95)  # coupled groups (residual sums) too end under half open
+    pruned = copy.deepcopy(model)
+    prune_by_gates(pruned, ex, 1e-6, min_channels=1, max_layer_sparsity=0.5)
+    real = macs_and_params(strip_gates(pruned), 32)[0] / dense
+    assert mm.hard_share() == pytest.approx(real, rel=0.01)
+    assert uncapped.hard_share() < 0.8 * real  # without the cap the budget would think it saved more
+    assert mm.floor_share() > 0.2  # every layer at half its width at least
+    s = mm.share()
+    s.backward()
+    capped = [g for grp in mm.groups if grp.prunable for g, _, _ in grp.gates]
+    assert all(g.score.grad is None or g.score.grad.abs().sum() == 0 for g in capped)  # all under the cap
+
+
 def test_floor_share_is_the_smallest_network():
     model = build_gated_model(ModelConfig(name="resnet18"), GateConfig(kind="ste"), 10, 32)
     mm = MacsModel(model, torch.zeros(1, 3, 32, 32), threshold=1e-6, round_to=8, min_channels=1)
