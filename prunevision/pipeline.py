@@ -25,18 +25,27 @@ from prunevision.data import Dataset, DeviceLoader, load_dataset
 from prunevision.diagnostics import GATE_BINS, gate_snapshot, plot_gate_history
 from prunevision.fsutil import ensure_dir, write_json
 from prunevision.gates import gate_stats, iter_gates
-from prunevision.models import build_gated_model
+from prunevision.models import build_gated_model, create_model
 from prunevision.train import Reporter, TrainState, evaluate, fit, load_checkpoint, select_device
 
 
 def resolve_config(cfg: ExperimentConfig, data: Dataset) -> ExperimentConfig:
-    """Fill what the data decides (number of classes, small-image stem)."""
+    """Fill what the data decides (number of classes, small-image stem) and the layers ``prune.skip_first``
+    names (gate runs: no gate on them)."""
     if cfg.model.num_classes is not None and cfg.model.num_classes != data.num_classes:
         raise ConfigError(
             f"model.num_classes: {cfg.model.num_classes} but the dataset has {data.num_classes} classes"
         )
     small = cfg.model.small_input if cfg.model.small_input is not None else data.image_size <= 64
-    return cfg.replace(**{"model.num_classes": data.num_classes, "model.small_input": small})
+    cfg = cfg.replace(**{"model.num_classes": data.num_classes, "model.small_input": small})
+    if cfg.prune.method == "gate" and cfg.prune.skip_first:
+        # the first N convs keep every channel, so they carry no gate either: a gate there would still
+        # close channels while training (zeros pruning then keeps; measured: small_cnn at 0.5 MACs,
+        # 36 epochs, 56.7 % with the gate against 71.2 % without)
+        plain = create_model(cfg.model, data.num_classes, data.image_size, pretrained=False)
+        first = [n for n, m in plain.named_modules() if isinstance(m, torch.nn.Conv2d)][:cfg.prune.skip_first]
+        cfg = cfg.replace(**{"gates.skip": tuple(dict.fromkeys((*cfg.gates.skip, *first)))})
+    return cfg
 
 
 def run_training(
