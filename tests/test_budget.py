@@ -206,3 +206,16 @@ def test_layers_skip_first_keeps_whole_carry_no_gate_in_a_gate_run(name, first):
         pruned = copy.deepcopy(model)
         prune_by_gates(pruned, torch.zeros(1, 3, 16, 16), 1e-6, skip=[pruned.features[0]])
         assert pruned.features[0].out_channels == 32
+
+
+def test_resolving_skip_first_leaves_the_seeded_stream_alone():
+    from prunevision.data import load_dataset
+    from prunevision.pipeline import resolve_config
+
+    cfg = _cfg(**{"gates.target_macs": 0.5, "prune.skip_first": 1})
+    data = load_dataset(cfg.data, seed=0)
+    torch.manual_seed(0)
+    resolve_config(cfg, data)
+    after = torch.rand(3)
+    torch.manual_seed(0)
+    assert torch.equal(after, torch.rand(3))
