@@ -11,9 +11,9 @@ own MACs (``gates.penalty=flops``) is linear in the gates. The channel count of 
 number of positions where some gate of the group is open; its value in the forward pass is the
 count pruning will keep (closed channels removed, ``min_channels``, ``round_to`` and
 ``max_layer_sparsity`` applied), its gradient that of the differentiable open probabilities
-(:meth:`ChannelGate.open_prob`). Everything
-the model does not cover (norms, pooling, the classifier's bias) is a constant calibrated so that
-the model equals torch-pruning's own count of the dense network.
+(:meth:`ChannelGate.open_prob`). Everything the model does not cover (norms, pooling, the
+classifier's bias) is a constant calibrated so that the model equals torch-pruning's own count of
+the dense network.
 
 :class:`BudgetController` adds ``λ1·(s − t) + λ2·(s − t)²`` to the loss, where ``s`` is that MACs
 share and ``t`` the budget in force (ramped from 1, :func:`prunevision.schedules.target_at`); λ1
