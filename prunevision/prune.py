@@ -513,6 +513,22 @@ def first_convs(model: nn.Module, n: int) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, nn.Conv2d)][:n]
 
 
+def kept_whole(model: nn.Module, example: torch.Tensor, layers: Iterable[nn.Module]) -> list[str]:
+    """Names of the convs whose output channels are coupled to those of ``layers`` (residual sums,
+    depthwise pairs; ``layers`` included): what pruning keeps whole when it skips ``layers``."""
+    names = _names(model)
+    with torch.enable_grad():  # DepGraph traces with autograd
+        dg = tp.DependencyGraph().build_dependency(model, example_inputs=example, customized_pruners=GATE_PRUNERS)
+    out: dict[str, None] = {}
+    for layer in layers:
+        out[names[id(layer)]] = None
+        group = dg.get_pruning_group(layer, tp.prune_conv_out_channels, idxs=[0])
+        for dep, _ in group:
+            if isinstance(dep.target.module, nn.Conv2d) and _removes_out_channels(dep):
+                out[names[id(dep.target.module)]] = None
+    return [n for n, _ in model.named_modules() if n in out]  # in the model's order
+
+
 def structured_importance(method: str) -> tp.importance.Importance:
     if method == "l1_structured":
         return tp.importance.GroupMagnitudeImportance(p=1)
