@@ -34,7 +34,7 @@ from torch import nn
 
 from prunevision.config import ConfigError
 from prunevision.gates import ChannelGate
-from prunevision.prune import GATE_PRUNERS, classifier_head, first_convs, keep_count
+from prunevision.prune import GATE_PRUNERS, cap_floor, classifier_head, first_convs, keep_count
 
 BUDGET_TOLERANCE = 0.1  # how near a pruned network's MACs share lands to the budget asked for (relative)
 
@@ -223,7 +223,7 @@ class MacsModel:
                 vec = placed if vec is None else torch.maximum(vec, placed)
             count = vec.sum()
             if self.max_layer_sparsity is not None:  # under the cap, closing more saves nothing: no gradient
-                count = torch.clamp(count, min=math.ceil(g.n * (1 - self.max_layer_sparsity)))
+                count = torch.clamp(count, min=cap_floor(g.n, self.max_layer_sparsity))
             out.append(count)
         return out
 

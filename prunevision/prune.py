@@ -241,6 +241,11 @@ def _names(model: nn.Module) -> dict[int, str]:
     return {id(m): n for n, m in model.named_modules()}
 
 
+def cap_floor(n: int, max_layer_sparsity: float | None) -> int:
+    """The fewest of ``n`` channels a layer keeps under ``prune.max_layer_sparsity`` (0: no cap)."""
+    return int(math.ceil(n * (1 - max_layer_sparsity))) if max_layer_sparsity is not None else 0
+
+
 def keep_count(n: int, n_closed: int, min_channels: int, round_to: int | None,
                max_layer_sparsity: float | None = None) -> int:
     """Channels a group keeps: the open ones, at least ``min_channels``, rounded up to ``round_to``, and never
@@ -248,9 +253,7 @@ def keep_count(n: int, n_closed: int, min_channels: int, round_to: int | None,
     keep = max(n - n_closed, min(min_channels, n), 1)
     if round_to:
         keep = min(n, int(math.ceil(keep / round_to) * round_to))
-    if max_layer_sparsity is not None:
-        keep = max(keep, int(math.ceil(n * (1 - max_layer_sparsity))))
-    return keep
+    return max(keep, cap_floor(n, max_layer_sparsity))
 
 
 def prune_by_gates(
