@@ -222,8 +222,8 @@ LANDING_ITERATIONS = 12  # bisection steps over the common shift of the gate sco
 def measure_pruned_ms(model: nn.Module, macs: MacsModel, image_size: int, *, threads: int, runs: int = 30,
                       warmup: int = 5) -> float:
     """Measured latency (ms, ONNX Runtime CPU, batch 1) of the network pruning would produce from ``model``
-    now: a copy pruned by its gates as the trial will prune it (``macs``'s threshold, width floor, rounding
-    and frozen layers), gates folded, exported and timed. ``model`` itself is not touched."""
+    now: a copy pruned by its gates as the trial will prune it (``macs``'s threshold, width floor, rounding,
+    per-layer cap and frozen layers), gates folded, exported and timed. ``model`` itself is not touched."""
     import copy
 
     from prunevision.prune import prune_by_gates, strip_gates
@@ -234,7 +234,7 @@ def measure_pruned_ms(model: nn.Module, macs: MacsModel, image_size: int, *, thr
     skip = [copied[names[id(m)]] for m in macs.frozen if names.get(id(m)) in copied]
     example = torch.zeros(LATENCY_BATCH, 3, image_size, image_size)
     prune_by_gates(net, example, macs.threshold, round_to=macs.round_to, min_channels=macs.min_channels,
-                   skip=skip or None)
+                   max_layer_sparsity=macs.max_layer_sparsity, skip=skip or None)
     strip_gates(net, macs.threshold)
     session = onnx_session(net, tuple(example.shape), threads)
     x = np.random.default_rng(0).standard_normal(tuple(example.shape)).astype(np.float32)
