@@ -329,6 +329,83 @@ class MacsModel:
         return float((self._macs(self._hard_counts(all_closed=True)) + self.offset) / self.reference)
 
 
+def _fisher_hook(est: torch.Tensor, beta: float):
+    def hook(gate: ChannelGate, inputs, out: torch.Tensor) -> None:
+        if not (gate.training and torch.is_grad_enabled() and out.requires_grad):
+            return
+        x = inputs[0].detach()
+        is_open = (gate.score.detach() > 0).to(est.device)
+        dims = [d for d in range(x.dim()) if d != 1]
+
+        def on_grad(grad_out: torch.Tensor) -> None:  # ∂L/∂g = Σ over batch and positions of ∂L/∂out · x
+            g2 = (grad_out.detach().float() * x.float()).sum(dim=dims).square().to(est.device)
+            est.copy_(torch.where(is_open, beta * est + (1 - beta) * g2, est))
+
+        out.register_hook(on_grad)
+    return hook
+
+
+class FisherScores:
+    """``gates.importance=fisher``: gate scores from what closing each channel costs the task, not from the
+    gradient at the gate.
+
+    The gates sit right after a norm layer whose scale and shift train too, so once those settle the task
+    loss's gradient at a gate, (γ·∂L/∂γ + β·∂L/∂β)/g, averages to zero: the learned scores then move by the
+    budget's term alone, which ranks channels by their MACs, and a budget closes the costliest channels
+    whatever they do (resnet18 at 0.5 of the MACs: the stem and layer1 cut to 3–19 of 64 channels,
+    benchmarks/RESULTS.md). The square of that gradient does not average away: its running mean over the
+    steps a gate is open is a Fisher (second-order Taylor) estimate of the loss a closed channel adds
+    (Theis et al. 2018, "Faster gaze prediction with dense networks and Fisher pruning"). At every
+    projection each straight-through gate's score is set to ``SCALE·(log F − log m − mean)``, where
+    ``m`` is the cost of one more channel of its group now (MACs, or the latency model's cost), so the
+    common shift onto the budget closes the channels with the least loss per unit of cost; a closed gate
+    keeps the estimate it had when it was last open.
+    """
+
+    BETA, SCALE = 0.98, 0.05  # running-mean decay per step; score = SCALE·(log(F/m) − its mean)
+
+    def __init__(self, macs: MacsModel):
+        self.macs = macs
+        self.gates = [g for g in macs.prunable_gates() if g.kind == "ste"]
+        self.estimates = {id(g): torch.zeros_like(g.score.detach()) for g in self.gates}
+        # closures, not bound methods: a deep copy of the model (a timed copy, a baseline) copies its hooks, and
+        # a bound method would drag this object and its model along
+        self.handles = [g.register_forward_hook(_fisher_hook(self.estimates[id(g)], self.BETA)) for g in self.gates]
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    @torch.no_grad()
+    def rescore(self) -> None:
+        """Set every straight-through gate's score from its estimate per unit of marginal cost."""
+        seen = [g for g in self.gates if bool(self.estimates[id(g)].any())]
+        if not seen:
+            return  # no step has trained yet: the scores stay as they are
+        with torch.enable_grad():
+            counts = [c.clone().float().requires_grad_(True) for c in self.macs._hard_counts()]
+            grads = torch.autograd.grad(self.macs._macs(counts), counts, allow_unused=True)
+        floor = 1e-9 * max(self.macs.reference, 1e-30)  # a channel that costs nothing is never cheaper to cut
+        marginal: dict[int, float] = {}
+        for grp, grad in zip(self.macs.groups, grads):
+            for gate, _, _ in grp.gates:
+                marginal.setdefault(id(gate), max(float(grad) if grad is not None else 0.0, floor))
+        base = {id(g): (self.estimates[id(g)] + 1e-30).log() - math.log(marginal.get(id(g), floor)) for g in seen}
+        centre = torch.cat([b.reshape(-1) for b in base.values()]).mean()
+        for g in seen:
+            g.score.copy_((self.SCALE * (base[id(g)] - centre)).to(g.score))
+
+    def state_dict(self) -> list[torch.Tensor]:
+        return [self.estimates[id(g)].detach().cpu().clone() for g in self.gates]
+
+    def load_state_dict(self, state: list[torch.Tensor]) -> None:
+        if len(state) != len(self.gates) or any(s.shape != g.score.shape for s, g in zip(state, self.gates)):
+            return  # another structure (an earlier pruning step's): the estimates start again
+        for s, g in zip(state, self.gates):
+            self.estimates[id(g)].copy_(s.to(self.estimates[id(g)].device))
+
+
 class BudgetController:
     """λ1·(s − t) + λ2·(s − t)² with λ1, λ2 raised by gradient ascent (CoFiPruning's Lagrangian),
     and the structure kept on the budget's ramp by projection.
@@ -350,8 +427,9 @@ class BudgetController:
     FOLLOW_TOLERANCE = 0.02
 
     def __init__(self, macs: MacsModel, lr: float, device: torch.device, target: float | None = None,
-                 calibration: dict | None = None):
+                 calibration: dict | None = None, importance: str = "gradient"):
         self.macs = macs
+        self.fisher = FisherScores(macs) if importance == "fisher" else None
         self.target = target  # the final share asked for (of the MACs, or of the dense latency)
         self.calibration = calibration  # latency budgets: the measured table the cost model came from
         self.lambdas = torch.zeros(2, device=device, requires_grad=True)
@@ -368,11 +446,19 @@ class BudgetController:
         """When the network pruning would produce is further than ``tolerance`` (relative) from
         ``target``, project the gates onto it (:meth:`MacsModel.project`) so that training goes on in
         that structure. Returns the new share, or None when nothing moved."""
+        if self.fisher is not None:  # the scores come from the estimates: re-rank, then shift onto the budget
+            self.fisher.rescore()
+            return self.macs.project(target)
         tolerance = self.FOLLOW_TOLERANCE if tolerance is None else tolerance
         share = self.macs.hard_share()
         if abs(share / target - 1.0) <= tolerance:
             return None
         return self.macs.project(target)
+
+    def close(self) -> None:
+        """Training is over: nothing of the controller stays hooked into the model."""
+        if self.fisher is not None:
+            self.fisher.remove()
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -386,6 +472,8 @@ class BudgetController:
 
     def state_dict(self) -> dict:
         state = {"lambdas": self.lambdas.detach().cpu(), "optimizer": self.optimizer.state_dict()}
+        if self.fisher is not None:
+            state["fisher"] = self.fisher.state_dict()
         if self.calibration is not None:  # a resumed run keeps the cost model it started with
             state["cost_model"] = {"weights": torch.tensor([layer.weight for layer in self.macs.layers]),
                                    "channel_weight": torch.tensor(self.macs.channel_weight),
@@ -398,6 +486,8 @@ class BudgetController:
         with torch.no_grad():
             self.lambdas.copy_(state["lambdas"].to(self.lambdas.device))
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.fisher is not None and state.get("fisher") is not None:
+            self.fisher.load_state_dict(state["fisher"])
         cost = state.get("cost_model")
         if self.calibration is not None and cost is not None and len(cost["weights"]) == len(self.macs.layers):
             for layer, w in zip(self.macs.layers, cost["weights"].tolist()):
@@ -447,7 +537,8 @@ def budget_for(model: nn.Module, cfg, image_size: int, device: torch.device) -> 
         model.pv_dense_macs = macs.reference
     if cfg.latency_budget is None:
         check_budget_reachable(macs, cfg.budget)
-        return BudgetController(macs, cfg.gates.budget_lr, device, target=cfg.budget)
+        return BudgetController(macs, cfg.gates.budget_lr, device, target=cfg.budget,
+                                importance=cfg.gates.importance)
     from prunevision.latency import calibrate
 
     cal = calibrate(macs, model, image_size, threads=cfg.measure.threads,
@@ -456,4 +547,4 @@ def budget_for(model: nn.Module, cfg, image_size: int, device: torch.device) -> 
         model.pv_dense_latency_ms = macs.reference
     check_latency_reachable(macs, cfg.latency_budget, cal)
     return BudgetController(macs, cfg.gates.budget_lr, device, target=min(1.0, cfg.latency_budget / macs.reference),
-                            calibration=cal)
+                            calibration=cal, importance=cfg.gates.importance)

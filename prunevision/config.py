@@ -143,6 +143,11 @@ class GateConfig:
     # sigmoid: soft gates closed under τ; ste: straight-through hard 0/1 gates; hard_concrete: L0 gates.
     # None: ste with a budget (target_macs), sigmoid in λ mode.
     kind: Optional[GateKind] = None
+    # What ranks the channels a budget closes. gradient: the scores learn from the task loss's gradient at the
+    # gate and the budget's. fisher: each straight-through gate's score is set, at every projection onto the
+    # budget, from a running mean of its squared task gradient (the loss a closed channel adds) per unit of
+    # its cost (prunevision/budget.py FisherScores; benchmarks/RESULTS.md: resnet18 at 0.5 of the MACs).
+    importance: Literal["gradient", "fisher"] = "gradient"
     # Budget mode: the pruned network's MACs as a share of the dense network's, in (0, 1]
     # (0.25 = 4x fewer). Training reaches it by itself (augmented Lagrangian on the expected MACs);
     # the target ramps from 1 after warmup_epochs (default: a third of the epochs) over ramp_epochs
@@ -186,6 +191,12 @@ class GateConfig:
             if self.schedule != "constant":
                 raise ConfigError(f"gates.schedule: {self.schedule} is a λ schedule and contradicts gates.{key} "
                                   "(the budget ramps over gates.warmup_epochs and gates.ramp_epochs)")
+        if self.importance == "fisher" and not self.budgeted:
+            raise ConfigError("gates.importance: fisher ranks channels for a budget; set gates.target_macs or "
+                              "gates.target_latency_ms")
+        if self.importance == "fisher" and self.kind != "ste":
+            raise ConfigError(f"gates.importance: fisher needs straight-through gates (gates.kind=ste), not "
+                              f"gates.kind={self.kind}")
         check_range("gates.warmup_epochs", self.warmup_epochs, low=0.0, optional=True)
         check_range("gates.stages", self.stages, low=1)
         check_range("gates.ramp_epochs", self.ramp_epochs, low=0.0, low_open=True, optional=True)
@@ -450,11 +461,13 @@ def from_dict(data: dict[str, Any], overrides: dict[str, Any] | None = None) -> 
     for dotted, value in (overrides or {}).items():
         _set_dotted(merged, dotted, value)
     cfg = build_section(ExperimentConfig, merged, prefix="")
-    if cfg.prune.method != "gate" and (cfg.gates.lam != 0 or cfg.gates.kind != "sigmoid"):
+    if cfg.prune.method != "gate" and (cfg.gates.lam != 0 or cfg.gates.kind != "sigmoid"
+                                       or cfg.gates.importance != "gradient"):
         # Baselines prune the plainly trained network: the gate penalty exists for gate pruning,
         # and under it a baseline would start from a network already squeezed by the gates. Their
         # gates are soft (hard straight-through gates would close channels even without a penalty).
-        cfg = dataclasses.replace(cfg, gates=dataclasses.replace(cfg.gates, lam=0.0, kind="sigmoid"))
+        cfg = dataclasses.replace(cfg, gates=dataclasses.replace(cfg.gates, lam=0.0, kind="sigmoid",
+                                                                 importance="gradient"))
     return cfg
 
 

@@ -384,6 +384,8 @@ def fit(
             )
         if reporter is not None:
             reporter(dict(record), state.save)
+    if budget is not None:
+        budget.close()  # gates.importance=fisher: its hooks leave the model (the estimates stay in the state)
     return state
 
 

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from prunevision.budget import BudgetError, MacsModel, budget_for
+from prunevision.budget import BudgetController, BudgetError, FisherScores, MacsModel, _fisher_hook, budget_for
 from prunevision.config import ConfigError, GateConfig, ModelConfig, load_config
 from prunevision.gates import ChannelGate, iter_gates
 from prunevision.measure import macs_and_params
@@ -91,6 +91,10 @@ def test_floor_share_is_the_smallest_network():
     ({"gates.target_macs": 0.25, "gates.schedule": "staged"}, "gates.schedule: staged is a λ schedule"),
     ({"gates.kind": "ste", "prune.threshold": 0.3}, "prune.threshold: gates.kind=ste gates are exactly"),
     ({"prune.distill": 1.5}, "prune.distill: 1.5 is out of range"),
+    ({"gates.importance": "fisher"}, "gates.importance: fisher ranks channels for a budget"),
+    ({"gates.importance": "fisher", "gates.target_macs": 0.5, "gates.kind": "hard_concrete"},
+     "gates.importance: fisher needs straight-through gates"),
+    ({"gates.importance": "taylor"}, "gates.importance: 'taylor' is not one of gradient, fisher"),
 ])
 def test_bad_budgets_are_one_line_errors(override, message):
     with pytest.raises(ConfigError) as e:
@@ -226,3 +230,80 @@ def test_resolving_skip_first_leaves_the_seeded_stream_alone():
     after = torch.rand(3)
     torch.manual_seed(0)
     assert torch.equal(after, torch.rand(3))
+
+
+def test_fisher_estimate_is_the_squared_task_gradient_of_open_gates():
+    """The hook's estimate after one step: (1 − β)·(∂L/∂g)² for an open gate, where ∂L/∂g sums
+    ∂L/∂out·x over the batch and positions; a closed gate's estimate does not move."""
+    torch.manual_seed(0)
+    gate = ChannelGate(4, kind="ste")
+    with torch.no_grad():
+        gate.score[2] = -1.0  # closed
+    est = torch.zeros(4)
+    gate.register_forward_hook(_fisher_hook(est, 0.98))
+    x, w = torch.randn(3, 4, 5, 5), torch.randn(3, 4, 5, 5)
+    (gate(x) * w).sum().backward()
+    expected = 0.02 * (w * x).sum(dim=(0, 2, 3)) ** 2
+    assert est[[0, 1, 3]] == pytest.approx(expected[[0, 1, 3]], rel=1e-5)
+    assert est[2] == 0.0 and expected[2] > 0
+    with torch.no_grad():  # evaluation passes leave it alone
+        gate(x)
+    gate.eval()
+    (gate(x) * w).sum().backward()
+    assert est[[0, 1, 3]] == pytest.approx(expected[[0, 1, 3]], rel=1e-5)
+
+
+def test_fisher_scores_close_the_least_loss_per_cost_first():
+    """After a rescore and the projection, the channel whose estimate is largest stays and the one whose
+    estimate is smallest goes; a channel of a cheap layer outlives one of a costly layer with the same
+    estimate."""
+    model = build_gated_model(ModelConfig(name="small_cnn"), GateConfig(kind="ste"), 10, 16)
+    macs = MacsModel(model, torch.zeros(1, 3, 16, 16), threshold=0.5)
+    fisher = FisherScores(macs)
+    first, second = fisher.gates[0], fisher.gates[1]  # conv1 (costlier per channel here) and conv2
+    for g in fisher.gates:  # distinct estimates: a common shift then closes channels one at a time
+        fisher.estimates[id(g)].copy_(torch.linspace(1.0, 2.0, g.score.numel()))
+    fisher.estimates[id(first)][0] = 1e4
+    fisher.estimates[id(first)][1] = 1e-4
+    fisher.estimates[id(first)][2] = fisher.estimates[id(second)][0] = 1.5
+    fisher.rescore()
+    assert macs.project(0.8) == pytest.approx(0.8, rel=0.05)
+    assert bool(first.score[0] > 0) and bool(first.score[1] <= 0)
+    # equal estimates: the channel whose removal saves fewer MACs ranks higher
+
+    def saving(gate, i):
+        keep = gate.score.detach().clone()
+        with torch.no_grad():
+            gate.score.fill_(1.0)
+            whole = macs.hard_share()
+            gate.score[i] = -1.0
+            saved = whole - macs.hard_share()
+            gate.score.copy_(keep)
+        return saved
+
+    cheap, costly = sorted([(first, 2), (second, 0)], key=lambda gi: saving(*gi))
+    assert saving(*costly) > 1.2 * saving(*cheap)
+    assert float(cheap[0].score.detach()[cheap[1]]) > float(costly[0].score.detach()[costly[1]])
+    fisher.remove()
+    assert all(not g._forward_hooks for g in fisher.gates)
+
+
+@pytest.mark.slow
+def test_fisher_importance_lands_on_its_budget_and_unhooks():
+    from prunevision.data import load_dataset
+
+    cfg = _cfg(**{"gates.target_macs": 0.4, "gates.importance": "fisher", "prune.round_to": None})
+    torch.manual_seed(0)
+    data = load_dataset(cfg.data, seed=0)
+    model = build_gated_model(cfg.model, cfg.gates, data.num_classes, data.image_size)
+    state = fit(model, data, cfg)
+    assert state.history[-1]["macs_share"] == pytest.approx(0.4, rel=0.1)
+    assert state.history[0]["macs_share"] > 0.9
+    gates = state.budget.fisher.gates
+    assert all(not g._forward_hooks for g in gates)  # nothing stays hooked into the model
+    saved = state.budget.state_dict()
+    assert all(bool(e.any()) for e in saved["fisher"])  # every gate was open for some steps
+    again = BudgetController(state.budget.macs, 0.02, torch.device("cpu"), target=0.4, importance="fisher")
+    again.load_state_dict(saved)  # a resumed run goes on with the estimates
+    assert all(torch.equal(a, b) for a, b in zip(again.fisher.state_dict(), saved["fisher"]))
+    again.close()
