@@ -396,6 +396,91 @@ class FisherScores:
         for g in seen:
             g.score.copy_((self.SCALE * (base[id(g)] - centre)).to(g.score))
 
+    @torch.no_grad()
+    def project(self, target: float, tolerance: float) -> float:
+        """The common shift onto ``target`` (:meth:`MacsModel.project`). With rounded widths
+        (``prune.round_to``) that shift can jump over the budget (every layer's width moves in blocks at the
+        same time); then, from the structure just over the budget, the block of channels with the least
+        estimated loss per share of MACs it saves is closed, one at a time, while some block keeps the share
+        over the budget; the last step takes the block that lands nearest under it, if that is nearer than
+        where the share is."""
+        macs = self.macs
+        share = macs.project(target)
+        if abs(share / target - 1.0) <= tolerance or not macs.round_to:
+            return share
+        lo, hi = macs.score_range()
+        if macs.share_if_shifted(lo) <= target:
+            return share  # the whole network is within the budget
+        for _ in range(30):  # the largest shift still over the budget
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if macs.share_if_shifted(mid) > target else (lo, mid)
+        macs.apply_shift(lo)
+        over = macs.hard_share()
+        while over > target:
+            block = self._cheapest_block(over, target)
+            if block is None:
+                break
+            self._close(*block[:2])
+            over = macs.hard_share()
+        return macs.hard_share()
+
+    def _positions(self, grp: _Group) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A group's open positions, the largest score at each and the summed estimates."""
+        is_open = torch.zeros(grp.n, dtype=torch.bool)
+        value = torch.full((grp.n,), -math.inf)
+        loss = torch.zeros(grp.n)
+        for gate, idxs, roots in grp.gates:
+            sc = gate.score.detach().float().cpu()[idxs]
+            is_open[roots] |= sc > 0
+            value[roots] = torch.maximum(value[roots], sc)
+            est = self.estimates.get(id(gate))
+            if est is not None:
+                loss.index_add_(0, roots, est.float().cpu()[idxs])
+        return is_open, value, loss
+
+    @torch.no_grad()
+    def _close(self, grp: _Group, positions: torch.Tensor) -> None:
+        for gate, idxs, roots in grp.gates:
+            hit = torch.isin(roots, positions)
+            if hit.any():
+                i = idxs[hit].to(gate.score.device)
+                gate.score[i] = torch.clamp(gate.score[i], max=-self.SCALE)
+
+    @torch.no_grad()
+    def _cheapest_block(self, share: float, target: float) -> tuple[_Group, torch.Tensor] | None:
+        """The next block to close: of the groups' next blocks of open channels (enough that the group's kept
+        width drops by a rounding step), the one that costs the least estimated loss per share of MACs saved
+        among those that keep the share over ``target``; when every block crosses it, the one that lands
+        nearest (None when that is not nearer than ``share``)."""
+        macs = self.macs
+        over, cross = None, None  # (cost per share saved, group, positions), (distance, group, positions)
+        for grp, kept in zip(macs.groups, macs._hard_counts()):
+            if not grp.prunable or not grp.gates:
+                continue
+            is_open, value, loss = self._positions(grp)
+            n_open, kept = int(is_open.sum()), int(kept)
+            need = next((k for k in range(1, n_open + 1) if keep_count(
+                grp.n, grp.n - n_open + k, macs.min_channels, macs.round_to, macs.max_layer_sparsity) < kept), None)
+            if need is None:
+                continue  # at its width floor
+            pos = torch.nonzero(is_open).flatten()
+            pos = pos[torch.argsort(value[pos])][:need]
+            saved = [(g.score, g.score.detach().clone()) for g, _, _ in grp.gates]
+            self._close(grp, pos)
+            after = macs.hard_share()
+            for score, v in saved:
+                score.copy_(v)
+            if after >= share:
+                continue
+            if after > target:
+                cost = float(loss[pos].sum()) / (share - after)
+                if over is None or cost < over[0]:
+                    over = (cost, grp, pos)
+            elif target - after < share - target and (cross is None or target - after < cross[0]):
+                cross = (target - after, grp, pos)
+        best = over if over is not None else cross
+        return None if best is None else best[1:]
+
     def state_dict(self) -> list[torch.Tensor]:
         return [self.estimates[id(g)].detach().cpu().clone() for g in self.gates]
 
@@ -446,10 +531,10 @@ class BudgetController:
         """When the network pruning would produce is further than ``tolerance`` (relative) from
         ``target``, project the gates onto it (:meth:`MacsModel.project`) so that training goes on in
         that structure. Returns the new share, or None when nothing moved."""
-        if self.fisher is not None:  # the scores come from the estimates: re-rank, then shift onto the budget
-            self.fisher.rescore()
-            return self.macs.project(target)
         tolerance = self.FOLLOW_TOLERANCE if tolerance is None else tolerance
+        if self.fisher is not None:  # the scores come from the estimates: re-rank, then onto the budget
+            self.fisher.rescore()
+            return self.fisher.project(target, tolerance)
         share = self.macs.hard_share()
         if abs(share / target - 1.0) <= tolerance:
             return None
