@@ -623,7 +623,7 @@ def budget_for(model: nn.Module, cfg, image_size: int, device: torch.device) -> 
     if cfg.latency_budget is None:
         check_budget_reachable(macs, cfg.budget)
         return BudgetController(macs, cfg.gates.budget_lr, device, target=cfg.budget,
-                                importance=cfg.gates.importance)
+                                importance=cfg.gates.resolved_importance)
     from prunevision.latency import calibrate
 
     cal = calibrate(macs, model, image_size, threads=cfg.measure.threads,
@@ -632,4 +632,4 @@ def budget_for(model: nn.Module, cfg, image_size: int, device: torch.device) -> 
         model.pv_dense_latency_ms = macs.reference
     check_latency_reachable(macs, cfg.latency_budget, cal)
     return BudgetController(macs, cfg.gates.budget_lr, device, target=min(1.0, cfg.latency_budget / macs.reference),
-                            calibration=cal, importance=cfg.gates.importance)
+                            calibration=cal, importance=cfg.gates.resolved_importance)

@@ -147,8 +147,9 @@ class GateConfig:
     # gate and the budget's. fisher: each straight-through gate's score is set, at every projection onto the
     # budget, from a running mean of its squared task gradient (the loss a closed channel adds) per unit of
     # its cost (prunevision/budget.py FisherScores). None: fisher for budgeted straight-through gates, else
-    # gradient (benchmarks/RESULTS.md, 3 seeds: resnet18 at 0.5 of the MACs 65.43 % against 60.76 %; small_cnn
-    # at 0.5 59.62 % against 59.10 %, at 0.25 58.30 % against 57.34 %).
+    # gradient, decided on the final config (a sweep's base has no budget; its trials do): see
+    # `resolved_importance` (benchmarks/RESULTS.md, 3 seeds: resnet18 at 0.5 of the MACs 65.43 % against
+    # 60.76 %; small_cnn at 0.5 59.62 % against 59.10 %, at 0.25 58.30 % against 57.34 %).
     importance: Optional[Literal["gradient", "fisher"]] = None
     # Budget mode: the pruned network's MACs as a share of the dense network's, in (0, 1]
     # (0.25 = 4x fewer). Training reaches it by itself (augmented Lagrangian on the expected MACs);
@@ -177,8 +178,6 @@ class GateConfig:
     def __post_init__(self) -> None:
         if self.kind is None:
             object.__setattr__(self, "kind", "ste" if self.budgeted else "sigmoid")
-        if self.importance is None:
-            object.__setattr__(self, "importance", "fisher" if self.budgeted and self.kind == "ste" else "gradient")
         check_range("gates.lam", self.lam, low=0.0, optional=True)
         check_range("gates.target_macs", self.target_macs, low=0.0, high=1.0, low_open=True, optional=True)
         check_range("gates.target_latency_ms", self.target_latency_ms, low=0.0, low_open=True, optional=True)
@@ -210,6 +209,13 @@ class GateConfig:
             "gates.temperature_final", self.temperature_final, low=0.0, low_open=True, optional=True
         )
         check_range("gates.lr", self.lr, low=0.0, low_open=True)
+
+    @property
+    def resolved_importance(self) -> str:
+        """``importance``, with None decided: fisher for budgeted straight-through gates, else gradient."""
+        if self.importance is not None:
+            return self.importance
+        return "fisher" if self.budgeted and self.kind == "ste" else "gradient"
 
     @property
     def budgeted(self) -> bool:
@@ -466,12 +472,12 @@ def from_dict(data: dict[str, Any], overrides: dict[str, Any] | None = None) -> 
         _set_dotted(merged, dotted, value)
     cfg = build_section(ExperimentConfig, merged, prefix="")
     if cfg.prune.method != "gate" and (cfg.gates.lam != 0 or cfg.gates.kind != "sigmoid"
-                                       or cfg.gates.importance != "gradient"):
+                                       or cfg.gates.importance not in (None, "gradient")):
         # Baselines prune the plainly trained network: the gate penalty exists for gate pruning,
         # and under it a baseline would start from a network already squeezed by the gates. Their
         # gates are soft (hard straight-through gates would close channels even without a penalty).
         cfg = dataclasses.replace(cfg, gates=dataclasses.replace(cfg.gates, lam=0.0, kind="sigmoid",
-                                                                 importance="gradient"))
+                                                                 importance=None))
     return cfg
 
 

@@ -326,3 +326,16 @@ def test_fisher_projection_closes_blocks_where_rounded_widths_make_the_shift_jum
         assert abs(shift_only / target - 1) > 0.05, target
         assert fisher.project(target, 0.02) == pytest.approx(target, rel=0.01)
         fisher.remove()
+
+
+def test_importance_is_decided_on_the_final_config():
+    """A sweep validates its base (no budget there) and gives each trial its budget afterwards: the default
+    importance must follow the trial's budget, not the base's lack of one."""
+    from prunevision.config import from_dict
+
+    base = load_config(None, {"gates.kind": "ste"})
+    assert base.gates.resolved_importance == "gradient"
+    trial = from_dict(base.to_dict(), {"gates.target_macs": 0.3})
+    assert trial.gates.resolved_importance == "fisher"
+    assert from_dict(base.to_dict(), {"gates.target_macs": 0.3, "gates.importance": "gradient"}
+                     ).gates.resolved_importance == "gradient"
