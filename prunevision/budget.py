@@ -298,6 +298,16 @@ class MacsModel:
             return self.hard_share()
 
     @torch.no_grad()
+    def bracket(self, target: float, iterations: int = 30) -> tuple[float, float]:
+        """By bisection from :meth:`score_range`: the largest shift found whose share is over ``target`` and the
+        smallest at or under it (meaningful when all open is over and all closed is under)."""
+        lo, hi = self.score_range()
+        for _ in range(iterations):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if self.share_if_shifted(mid) > target else (lo, mid)
+        return lo, hi
+
+    @torch.no_grad()
     def project(self, target: float, iterations: int = 30) -> float:
         """Lower (or raise) every prunable gate's score by one common amount so that the network
         pruning would produce keeps as close to ``target`` of the MACs as the gates allow; returns the
@@ -305,17 +315,12 @@ class MacsModel:
         shift comes nearer than where the gates are (``round_to`` makes the widths move in steps)."""
         if not self.prunable_gates():
             return self.hard_share()
-        lo, hi = self.score_range()  # share(lo) = most open, share(hi) = floor
-        if self.share_if_shifted(hi) > target:
-            best = hi
+        _, floor = self.score_range()  # share(floor shift) = every prunable gate closed
+        if self.share_if_shifted(floor) > target:
+            best = floor
         else:
-            for _ in range(iterations):
-                mid = (lo + hi) / 2
-                if self.share_if_shifted(mid) > target:
-                    lo = mid
-                else:
-                    hi = mid
             # hi: the smallest shift at or under the budget; lo: just over it. Keep the nearer one.
+            lo, hi = self.bracket(target, iterations)
             s_hi, s_lo = self.share_if_shifted(hi), self.share_if_shifted(lo)
             best = lo if abs(s_lo - target) < abs(s_hi - target) else hi
         if abs(self.share_if_shifted(best) - target) >= abs(self.hard_share() - target):
@@ -408,13 +413,9 @@ class FisherScores:
         share = macs.project(target)
         if abs(share / target - 1.0) <= tolerance or not macs.round_to:
             return share
-        lo, hi = macs.score_range()
-        if macs.share_if_shifted(lo) <= target:
+        if macs.share_if_shifted(macs.score_range()[0]) <= target:
             return share  # the whole network is within the budget
-        for _ in range(30):  # the largest shift still over the budget
-            mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if macs.share_if_shifted(mid) > target else (lo, mid)
-        macs.apply_shift(lo)
+        macs.apply_shift(macs.bracket(target)[0])  # the largest shift still over the budget
         over = macs.hard_share()
         while over > target:
             block = self._cheapest_block(over, target)
