@@ -141,7 +141,8 @@ class GateConfig:
     # budget (target_macs) λ is a Lagrange multiplier that training adjusts, and setting it is an error.
     lam: Optional[float] = None
     # sigmoid: soft gates closed under τ; ste: straight-through hard 0/1 gates; hard_concrete: L0 gates.
-    # None: ste with a budget (target_macs), sigmoid in λ mode.
+    # None: ste with a budget (target_macs or target_latency_ms), sigmoid in λ mode, decided on the final
+    # config like `importance` (a sweep's base has no budget; its trials do): see `resolved_kind`.
     kind: Optional[GateKind] = None
     # What ranks the channels a budget closes. gradient: the scores learn from the task loss's gradient at the
     # gate and the budget's. fisher: each straight-through gate's score is set, at every projection onto the
@@ -176,8 +177,6 @@ class GateConfig:
     skip: tuple[str, ...] = ()  # module names (or prefixes) whose convs get no gate
 
     def __post_init__(self) -> None:
-        if self.kind is None:
-            object.__setattr__(self, "kind", "ste" if self.budgeted else "sigmoid")
         check_range("gates.lam", self.lam, low=0.0, optional=True)
         check_range("gates.target_macs", self.target_macs, low=0.0, high=1.0, low_open=True, optional=True)
         check_range("gates.target_latency_ms", self.target_latency_ms, low=0.0, low_open=True, optional=True)
@@ -197,9 +196,9 @@ class GateConfig:
         if self.importance == "fisher" and not self.budgeted:
             raise ConfigError("gates.importance: fisher ranks channels for a budget; set gates.target_macs or "
                               "gates.target_latency_ms")
-        if self.importance == "fisher" and self.kind != "ste":
+        if self.importance == "fisher" and self.resolved_kind != "ste":
             raise ConfigError(f"gates.importance: fisher needs straight-through gates (gates.kind=ste), not "
-                              f"gates.kind={self.kind}")
+                              f"gates.kind={self.resolved_kind}")
         check_range("gates.warmup_epochs", self.warmup_epochs, low=0.0, optional=True)
         check_range("gates.stages", self.stages, low=1)
         check_range("gates.ramp_epochs", self.ramp_epochs, low=0.0, low_open=True, optional=True)
@@ -215,7 +214,14 @@ class GateConfig:
         """``importance``, with None decided: fisher for budgeted straight-through gates, else gradient."""
         if self.importance is not None:
             return self.importance
-        return "fisher" if self.budgeted and self.kind == "ste" else "gradient"
+        return "fisher" if self.budgeted and self.resolved_kind == "ste" else "gradient"
+
+    @property
+    def resolved_kind(self) -> GateKind:
+        """``kind``, with None decided: straight-through gates with a budget, sigmoid gates in λ mode."""
+        if self.kind is not None:
+            return self.kind
+        return "ste" if self.budgeted else "sigmoid"
 
     @property
     def budgeted(self) -> bool:
@@ -339,9 +345,9 @@ class ExperimentConfig:
     def __post_init__(self) -> None:
         # derived seeds (seed·100003 + epoch, ...) must stay inside the generators' 64-bit range
         check_range("seed", self.seed, low=0, high=MAX_SEED)
-        if self.gates.kind != "sigmoid" and self.prune.threshold is not None:
-            raise ConfigError(f"prune.threshold: gates.kind={self.gates.kind} gates are exactly open or closed; "
-                              "τ is only for gates.kind=sigmoid")
+        if self.gates.resolved_kind != "sigmoid" and self.prune.threshold is not None:
+            raise ConfigError(f"prune.threshold: gates.kind={self.gates.resolved_kind} gates are exactly open or "
+                              "closed; τ is only for gates.kind=sigmoid")
         p = self.prune
         if p.method != "gate" and self.gates.target_latency_ms is not None:
             raise ConfigError(f"gates.target_latency_ms: a latency budget is met by the gates (prune.method=gate), "
@@ -353,7 +359,7 @@ class ExperimentConfig:
     @property
     def tau(self) -> float:
         """The threshold under which a gate counts as closed."""
-        if self.gates.kind != "sigmoid":
+        if self.gates.resolved_kind != "sigmoid":
             return HARD_GATE_THRESHOLD
         return self.prune.threshold if self.prune.threshold is not None else 0.5
 
@@ -471,7 +477,7 @@ def from_dict(data: dict[str, Any], overrides: dict[str, Any] | None = None) -> 
     for dotted, value in (overrides or {}).items():
         _set_dotted(merged, dotted, value)
     cfg = build_section(ExperimentConfig, merged, prefix="")
-    if cfg.prune.method != "gate" and (cfg.gates.lam != 0 or cfg.gates.kind != "sigmoid"
+    if cfg.prune.method != "gate" and (cfg.gates.lam != 0 or cfg.gates.resolved_kind != "sigmoid"
                                        or cfg.gates.importance not in (None, "gradient")):
         # Baselines prune the plainly trained network: the gate penalty exists for gate pruning,
         # and under it a baseline would start from a network already squeezed by the gates. Their

@@ -50,7 +50,7 @@ def build_gated_model(
 ) -> nn.Module:
     model = create_model(model_cfg, num_classes, image_size, pretrained=pretrained)
     example = torch.zeros(2, 3, image_size, image_size)
-    instrument(model, example, init=gate_cfg.init, temperature=gate_cfg.temperature, kind=gate_cfg.kind,
+    instrument(model, example, init=gate_cfg.init, temperature=gate_cfg.temperature, kind=gate_cfg.resolved_kind,
                skip=gate_cfg.skip, num_classes=num_classes)
     return model
 

@@ -31,16 +31,16 @@ from prunevision.train import Reporter, TrainState, evaluate, fit, load_checkpoi
 
 
 def resolve_config(cfg: ExperimentConfig, data: Dataset) -> ExperimentConfig:
-    """Fill what the data decides (number of classes, small-image stem), ``gates.importance`` and the layers
-    ``prune.skip_first`` names (gate runs: no gate on them)."""
+    """Fill what the data decides (number of classes, small-image stem), ``gates.kind`` and ``gates.importance``
+    (decided on the final config) and the layers ``prune.skip_first`` names (gate runs: no gate on them)."""
     if cfg.model.num_classes is not None and cfg.model.num_classes != data.num_classes:
         raise ConfigError(
             f"model.num_classes: {cfg.model.num_classes} but the dataset has {data.num_classes} classes"
         )
     small = cfg.model.small_input if cfg.model.small_input is not None else data.image_size <= 64
-    # what ranks the channels, decided on the final config (recorded with the run)
+    # the gates' kind and what ranks the channels, decided on the final config (recorded with the run)
     cfg = cfg.replace(**{"model.num_classes": data.num_classes, "model.small_input": small,
-                         "gates.importance": cfg.gates.resolved_importance})
+                         "gates.kind": cfg.gates.resolved_kind, "gates.importance": cfg.gates.resolved_importance})
     if cfg.prune.method == "gate" and cfg.prune.skip_first:
         # the first N convs keep every channel, so they carry no gate either: a gate there would still
         # close channels while training (zeros pruning then keeps; measured: small_cnn at 0.5 MACs,

@@ -160,7 +160,7 @@ def make_optimizers(
     gate_params = gate_parameters(model)
     if not gate_params:
         return opt, None
-    if cfg.gates.kind == "sigmoid":
+    if cfg.gates.resolved_kind == "sigmoid":
         return opt, torch.optim.Adam(gate_params, lr=cfg.gates.lr)
     return opt, NormalizedSGD(gate_params, lr=cfg.gates.lr)
 

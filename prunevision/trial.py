@@ -166,7 +166,7 @@ def prune_and_measure(model: nn.Module, data: Dataset, cfg: ExperimentConfig, ou
             "per_class_accuracy_dense": data.per_class(test_dense["per_class_accuracy"]),
             **_structure_metrics(dense, pruned, data.image_size),
             "target_macs": cfg.gates.target_macs,  # requested budget (None: λ mode or a baseline ratio)
-            "gate_kind": cfg.gates.kind,
+            "gate_kind": cfg.gates.resolved_kind,
             "gate_sparsity": g_sparsity,
             "channels_removed": run.report.removed,
             "prune_history": run.history,

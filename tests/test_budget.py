@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from prunevision.budget import BudgetController, BudgetError, FisherScores, MacsModel, _fisher_hook, budget_for
-from prunevision.config import ConfigError, GateConfig, ModelConfig, load_config
+from prunevision.config import HARD_GATE_THRESHOLD, ConfigError, GateConfig, ModelConfig, load_config
 from prunevision.gates import ChannelGate, iter_gates
 from prunevision.measure import macs_and_params
 from prunevision.models import build_gated_model
@@ -339,3 +339,21 @@ def test_importance_is_decided_on_the_final_config():
     assert trial.gates.resolved_importance == "fisher"
     assert from_dict(base.to_dict(), {"gates.target_macs": 0.3, "gates.importance": "gradient"}
                      ).gates.resolved_importance == "gradient"
+
+
+def test_gate_kind_is_decided_on_the_final_config():
+    """The same for ``gates.kind``: a sweep's base that leaves it unset, given a budget by its space, trains
+    straight-through gates (with the Fisher scores), and a base without a budget stays on sigmoid gates."""
+    from prunevision.config import from_dict
+    from sweeps.spec import parse_sweep
+
+    spec = parse_sweep({"base": {"model": {"name": "small_cnn"}},
+                        "space": {"gates.target_macs": {"type": "uniform", "low": 0.2, "high": 0.8}}})
+    assert spec.base["gates"]["kind"] is None
+    trial = from_dict(spec.base, {"gates.target_macs": 0.4})
+    assert trial.gates.resolved_kind == "ste" and trial.gates.resolved_importance == "fisher"
+    assert trial.tau == HARD_GATE_THRESHOLD
+    lam = from_dict(spec.base, {"gates.lam": 2.0})
+    assert lam.gates.resolved_kind == "sigmoid" and lam.gates.resolved_importance == "gradient"
+    assert from_dict(spec.base, {"gates.target_macs": 0.4, "gates.kind": "hard_concrete"}).gates.resolved_kind \
+        == "hard_concrete"

@@ -41,7 +41,7 @@ def test_bad_latency_budgets_are_one_line_errors(override, message):
 
 
 def test_a_latency_budget_makes_the_gates_hard():
-    assert GateConfig(target_latency_ms=1.0).kind == "ste"
+    assert GateConfig(target_latency_ms=1.0).resolved_kind == "ste"
 
 
 def test_each_layer_is_timed_alone_at_full_and_half_width():
