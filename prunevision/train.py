@@ -269,123 +269,125 @@ def fit(
     # when the final budget is first in force, and at the end (the hold epochs may have moved the structure)
     landing_epochs = {max(1, math.ceil(budget_in_force(g_cfg, t_cfg.epochs) - 1e-9)), t_cfg.epochs}
     interactive = sys.stderr.isatty()
-    for epoch in range(state.epoch, t_cfg.epochs):
-        model.train()
-        train_loader.set_epoch(epoch)
-        t0 = time.perf_counter()
-        task_sum = torch.zeros((), device=dev)
-        pen_sum = torch.zeros((), device=dev)
-        correct = torch.zeros((), device=dev)
-        seen = 0
-        batches = _progress(train_loader, interactive, f"epoch {epoch + 1}/{t_cfg.epochs}")
-        for step, (x, y) in enumerate(batches):
-            t_epoch = epoch + step / steps
-            lam = lam_at(g_cfg, t_epoch, t_cfg.epochs)
-            lr = lr_at(t_cfg, epoch * steps + step, total_steps)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            if isinstance(gate_opt, NormalizedSGD):  # hard gates settle as the learning rate anneals
-                for group in gate_opt.param_groups:
-                    group["lr"] = g_cfg.lr * lr / t_cfg.lr
-            if g_cfg.temperature_final is not None:
-                set_temperature(model, temperature_at(g_cfg, t_epoch, t_cfg.epochs))
-            with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=amp):
-                out = model(x)
-            task = F.cross_entropy(out.float(), y, label_smoothing=t_cfg.label_smoothing)
-            if teacher is not None:
-                task = distill_loss(task, out, teacher, x, cfg.prune.distill, cfg.prune.distill_temperature, amp)
-            in_force = budget is not None and t_epoch >= warmup  # the warm-up trains dense
-            if in_force:
-                pen = budget.loss(target_at(g_cfg, t_epoch, t_cfg.epochs, budget.target))
-                loss = task + pen
-                budget.zero_grad()
-            elif budget is not None:
-                pen, loss = torch.zeros((), device=dev), task
-            else:
-                pen = penalty(model, g_cfg.penalty) if gate_opt is not None else torch.zeros((), device=dev)
-                loss = task + lam * pen
-            opt.zero_grad(set_to_none=True)
-            if gate_opt is not None:
-                gate_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if t_cfg.grad_clip:
-                nn.utils.clip_grad_norm_(model.parameters(), t_cfg.grad_clip)
-            opt.step()
-            if gate_opt is not None:
-                gate_opt.step()
-                clamp_scores(model)
-            if in_force:
-                budget.step()
-            if budget is not None and ((step + 1) % follow_every == 0 or step + 1 == steps):
-                # the structure follows the budget in force (1 in the warm-up, then the ramp)
-                budget.follow(target_at(g_cfg, epoch + (step + 1) / steps, t_cfg.epochs, budget.target))
-            task_sum += task.detach() * len(y)
-            pen_sum += pen.detach() * len(y)
-            correct += (out.argmax(1) == y).sum()
-            seen += len(y)
-        if not math.isfinite(task_sum.item()):
-            raise FloatingPointError(f"training diverged in epoch {epoch + 1} (loss is not finite); lower train.lr")
-        train_time = time.perf_counter() - t0
-        landed = None
-        if budget is not None and budget.calibration is not None and epoch + 1 in landing_epochs:
-            # latency budgets: the structure is put where its measured latency is nearest the request
-            # (the model's prediction is steps away from it, prunevision.latency.land), and the budget
-            # is held there from now on
-            landed = land(budget.macs, cfg.latency_budget, lambda: measure_pruned_ms(
-                model, budget.macs, data.image_size, threads=cfg.measure.threads))
-            budget.target = budget.macs.hard_share()
-        ev = evaluate(model, test_loader, data.num_classes, amp=amp)
-        ev_val = evaluate(model, val_loader, data.num_classes, amp=amp) if val_loader is not None else ev
-        stats = gate_stats(model, cfg.tau)
-        record = {
-            "epoch": epoch + 1,
-            "task_loss": task_sum.item() / max(seen, 1),
-            "penalty": pen_sum.item() / max(seen, 1),
-            "lam": budget.lam if budget is not None else lam_at(g_cfg, epoch + 1, t_cfg.epochs),
-            "lr": lr,
-            "temperature": temperature_at(g_cfg, epoch + 1, t_cfg.epochs),
-            "train_accuracy": correct.item() / max(seen, 1),
-            "val_accuracy": ev_val["accuracy"],
-            "val_loss": ev_val["loss"],
-            "test_accuracy": ev["accuracy"],  # reported, never chosen on
-            "test_loss": ev["loss"],
-            "mean_gate": stats["all"]["mean"],
-            "gates_below_threshold": stats["all"]["below_threshold"],
-            "channel_mean_gate": stats["channel"]["mean"],
-            "channel_gates_below_threshold": stats["channel"]["below_threshold"],
-            "epoch_time_s": train_time,
-            "images_per_s": seen / train_time if train_time > 0 else float("nan"),
-        }
+    try:
+        for epoch in range(state.epoch, t_cfg.epochs):
+            model.train()
+            train_loader.set_epoch(epoch)
+            t0 = time.perf_counter()
+            task_sum = torch.zeros((), device=dev)
+            pen_sum = torch.zeros((), device=dev)
+            correct = torch.zeros((), device=dev)
+            seen = 0
+            batches = _progress(train_loader, interactive, f"epoch {epoch + 1}/{t_cfg.epochs}")
+            for step, (x, y) in enumerate(batches):
+                t_epoch = epoch + step / steps
+                lam = lam_at(g_cfg, t_epoch, t_cfg.epochs)
+                lr = lr_at(t_cfg, epoch * steps + step, total_steps)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                if isinstance(gate_opt, NormalizedSGD):  # hard gates settle as the learning rate anneals
+                    for group in gate_opt.param_groups:
+                        group["lr"] = g_cfg.lr * lr / t_cfg.lr
+                if g_cfg.temperature_final is not None:
+                    set_temperature(model, temperature_at(g_cfg, t_epoch, t_cfg.epochs))
+                with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=amp):
+                    out = model(x)
+                task = F.cross_entropy(out.float(), y, label_smoothing=t_cfg.label_smoothing)
+                if teacher is not None:
+                    task = distill_loss(task, out, teacher, x, cfg.prune.distill, cfg.prune.distill_temperature, amp)
+                in_force = budget is not None and t_epoch >= warmup  # the warm-up trains dense
+                if in_force:
+                    pen = budget.loss(target_at(g_cfg, t_epoch, t_cfg.epochs, budget.target))
+                    loss = task + pen
+                    budget.zero_grad()
+                elif budget is not None:
+                    pen, loss = torch.zeros((), device=dev), task
+                else:
+                    pen = penalty(model, g_cfg.penalty) if gate_opt is not None else torch.zeros((), device=dev)
+                    loss = task + lam * pen
+                opt.zero_grad(set_to_none=True)
+                if gate_opt is not None:
+                    gate_opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if t_cfg.grad_clip:
+                    nn.utils.clip_grad_norm_(model.parameters(), t_cfg.grad_clip)
+                opt.step()
+                if gate_opt is not None:
+                    gate_opt.step()
+                    clamp_scores(model)
+                if in_force:
+                    budget.step()
+                if budget is not None and ((step + 1) % follow_every == 0 or step + 1 == steps):
+                    # the structure follows the budget in force (1 in the warm-up, then the ramp)
+                    budget.follow(target_at(g_cfg, epoch + (step + 1) / steps, t_cfg.epochs, budget.target))
+                task_sum += task.detach() * len(y)
+                pen_sum += pen.detach() * len(y)
+                correct += (out.argmax(1) == y).sum()
+                seen += len(y)
+            if not math.isfinite(task_sum.item()):
+                raise FloatingPointError(f"training diverged in epoch {epoch + 1} (loss is not finite); lower train.lr")
+            train_time = time.perf_counter() - t0
+            landed = None
+            if budget is not None and budget.calibration is not None and epoch + 1 in landing_epochs:
+                # latency budgets: the structure is put where its measured latency is nearest the request
+                # (the model's prediction is steps away from it, prunevision.latency.land), and the budget
+                # is held there from now on
+                landed = land(budget.macs, cfg.latency_budget, lambda: measure_pruned_ms(
+                    model, budget.macs, data.image_size, threads=cfg.measure.threads))
+                budget.target = budget.macs.hard_share()
+            ev = evaluate(model, test_loader, data.num_classes, amp=amp)
+            ev_val = evaluate(model, val_loader, data.num_classes, amp=amp) if val_loader is not None else ev
+            stats = gate_stats(model, cfg.tau)
+            record = {
+                "epoch": epoch + 1,
+                "task_loss": task_sum.item() / max(seen, 1),
+                "penalty": pen_sum.item() / max(seen, 1),
+                "lam": budget.lam if budget is not None else lam_at(g_cfg, epoch + 1, t_cfg.epochs),
+                "lr": lr,
+                "temperature": temperature_at(g_cfg, epoch + 1, t_cfg.epochs),
+                "train_accuracy": correct.item() / max(seen, 1),
+                "val_accuracy": ev_val["accuracy"],
+                "val_loss": ev_val["loss"],
+                "test_accuracy": ev["accuracy"],  # reported, never chosen on
+                "test_loss": ev["loss"],
+                "mean_gate": stats["all"]["mean"],
+                "gates_below_threshold": stats["all"]["below_threshold"],
+                "channel_mean_gate": stats["channel"]["mean"],
+                "channel_gates_below_threshold": stats["channel"]["below_threshold"],
+                "epoch_time_s": train_time,
+                "images_per_s": seen / train_time if train_time > 0 else float("nan"),
+            }
+            if budget is not None:
+                kind = "macs" if budget.calibration is None else "latency"
+                record[f"{kind}_share"] = budget.macs.hard_share()
+                record[f"target_{kind}_now"] = target_at(g_cfg, epoch + 1, t_cfg.epochs, budget.target)
+                if budget.calibration is not None:
+                    record["latency_ms_predicted"] = record["latency_share"] * budget.macs.reference
+                    if landed is not None:
+                        record["latency_ms_measured"] = landed["measured_ms"]
+            state.epoch = epoch + 1
+            state.history.append(record)
+            if log:
+                gates = (f"mean gate {record['mean_gate']:.3f}  closed {record['gates_below_threshold']:.1%}  "
+                         f"λ {record['lam']:.3g}  ") if gate_opt is not None else ""
+                if budget is not None and budget.calibration is None:
+                    gates += f"MACs {record['macs_share']:.3f} (budget {record['target_macs_now']:.3f})  "
+                elif budget is not None:
+                    ref = budget.macs.reference
+                    measured = (f", {record['latency_ms_measured']:.3g} measured" if "latency_ms_measured" in record
+                                else "")
+                    gates += (f"latency {record['latency_ms_predicted']:.3g} ms predicted{measured} "
+                              f"(budget {record['target_latency_now'] * ref:.3g} ms)  ")
+                acc = f"val acc {record['val_accuracy']:.4f}  " if val_loader is not None else ""
+                log(
+                    f"epoch {epoch + 1}/{t_cfg.epochs}  loss {record['task_loss']:.3f}  "
+                    f"{acc}test acc {record['test_accuracy']:.4f}  {gates}{record['images_per_s']:.0f} img/s"
+                )
+            if reporter is not None:
+                reporter(dict(record), state.save)
+    finally:
         if budget is not None:
-            kind = "macs" if budget.calibration is None else "latency"
-            record[f"{kind}_share"] = budget.macs.hard_share()
-            record[f"target_{kind}_now"] = target_at(g_cfg, epoch + 1, t_cfg.epochs, budget.target)
-            if budget.calibration is not None:
-                record["latency_ms_predicted"] = record["latency_share"] * budget.macs.reference
-                if landed is not None:
-                    record["latency_ms_measured"] = landed["measured_ms"]
-        state.epoch = epoch + 1
-        state.history.append(record)
-        if log:
-            gates = (f"mean gate {record['mean_gate']:.3f}  closed {record['gates_below_threshold']:.1%}  "
-                     f"λ {record['lam']:.3g}  ") if gate_opt is not None else ""
-            if budget is not None and budget.calibration is None:
-                gates += f"MACs {record['macs_share']:.3f} (budget {record['target_macs_now']:.3f})  "
-            elif budget is not None:
-                ref = budget.macs.reference
-                measured = (f", {record['latency_ms_measured']:.3g} measured" if "latency_ms_measured" in record
-                            else "")
-                gates += (f"latency {record['latency_ms_predicted']:.3g} ms predicted{measured} "
-                          f"(budget {record['target_latency_now'] * ref:.3g} ms)  ")
-            acc = f"val acc {record['val_accuracy']:.4f}  " if val_loader is not None else ""
-            log(
-                f"epoch {epoch + 1}/{t_cfg.epochs}  loss {record['task_loss']:.3f}  "
-                f"{acc}test acc {record['test_accuracy']:.4f}  {gates}{record['images_per_s']:.0f} img/s"
-            )
-        if reporter is not None:
-            reporter(dict(record), state.save)
-    if budget is not None:
-        budget.close()  # gates.importance=fisher: its hooks leave the model (the estimates stay in the state)
+            budget.close()  # fisher: its hooks leave the model, also when training raises (estimates stay in the state)
     return state
 
 

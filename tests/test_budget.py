@@ -357,3 +357,21 @@ def test_gate_kind_is_decided_on_the_final_config():
     assert lam.gates.resolved_kind == "sigmoid" and lam.gates.resolved_importance == "gradient"
     assert from_dict(spec.base, {"gates.target_macs": 0.4, "gates.kind": "hard_concrete"}).gates.resolved_kind \
         == "hard_concrete"
+
+
+def test_fisher_hooks_leave_the_model_when_training_raises():
+    from prunevision.data import load_dataset
+
+    cfg = _cfg(**{"gates.target_macs": 0.5, "gates.warmup_epochs": 0, "train.epochs": 2,
+                  "data.synthetic_train": 128})
+    data = load_dataset(cfg.data, seed=0)
+    model = build_gated_model(cfg.model, cfg.gates, data.num_classes, data.image_size)
+    gates = [g for _, g in iter_gates(model) if isinstance(g, ChannelGate)]
+
+    def reporter(record, save):
+        assert any(g._forward_hooks for g in gates)  # the Fisher estimates were being taken
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(model, data, cfg, reporter=reporter)
+    assert gates and all(not g._forward_hooks for g in gates)
