@@ -251,25 +251,25 @@ def fit(
     # budget mode: λ is a Lagrange multiplier that training adjusts (raises BudgetError before any
     # training when the width floor alone is over budget)
     budget = budget_for(model, cfg, data.image_size, dev) if gate_opt is not None else None
-    state = TrainState(model, opt, gate_opt, cfg, image_size=data.image_size, budget=budget)
-    if resume is not None:
-        _restore(state, resume)
-    g_cfg, t_cfg = cfg.gates, cfg.train
-    train_loader = DeviceLoader(data.train_x, data.train_y, cfg.data.batch_size, data.mean, data.std, train=True,
-                                augment=cfg.data.augment, seed=cfg.seed, channels_last=channels_last)
-    test_loader = DeviceLoader(data.test_x, data.test_y, cfg.data.eval_batch_size, data.mean, data.std,
-                               train=False, channels_last=channels_last)
-    # the validation split is what selection sees; without one (data.val_split 0) the test split stands in
-    val_loader = DeviceLoader(data.val_x, data.val_y, cfg.data.eval_batch_size, data.mean, data.std,
-                              train=False, channels_last=channels_last) if data.has_val else None
-    steps = len(train_loader)
-    total_steps = steps * t_cfg.epochs
-    follow_every = max(1, steps // BudgetController.FOLLOW_EVERY)
-    warmup = budget_warmup(g_cfg, t_cfg.epochs)
-    # when the final budget is first in force, and at the end (the hold epochs may have moved the structure)
-    landing_epochs = {max(1, math.ceil(budget_in_force(g_cfg, t_cfg.epochs) - 1e-9)), t_cfg.epochs}
-    interactive = sys.stderr.isatty()
-    try:
+    try:  # from here on the controller's hooks are on the model: they leave it however fit ends
+        state = TrainState(model, opt, gate_opt, cfg, image_size=data.image_size, budget=budget)
+        if resume is not None:
+            _restore(state, resume)
+        g_cfg, t_cfg = cfg.gates, cfg.train
+        train_loader = DeviceLoader(data.train_x, data.train_y, cfg.data.batch_size, data.mean, data.std, train=True,
+                                    augment=cfg.data.augment, seed=cfg.seed, channels_last=channels_last)
+        test_loader = DeviceLoader(data.test_x, data.test_y, cfg.data.eval_batch_size, data.mean, data.std,
+                                   train=False, channels_last=channels_last)
+        # the validation split is what selection sees; without one (data.val_split 0) the test split stands in
+        val_loader = DeviceLoader(data.val_x, data.val_y, cfg.data.eval_batch_size, data.mean, data.std,
+                                  train=False, channels_last=channels_last) if data.has_val else None
+        steps = len(train_loader)
+        total_steps = steps * t_cfg.epochs
+        follow_every = max(1, steps // BudgetController.FOLLOW_EVERY)
+        warmup = budget_warmup(g_cfg, t_cfg.epochs)
+        # when the final budget is first in force, and at the end (the hold epochs may have moved the structure)
+        landing_epochs = {max(1, math.ceil(budget_in_force(g_cfg, t_cfg.epochs) - 1e-9)), t_cfg.epochs}
+        interactive = sys.stderr.isatty()
         for epoch in range(state.epoch, t_cfg.epochs):
             model.train()
             train_loader.set_epoch(epoch)

@@ -375,3 +375,10 @@ def test_fisher_hooks_leave_the_model_when_training_raises():
     with pytest.raises(KeyboardInterrupt):
         fit(model, data, cfg, reporter=reporter)
     assert gates and all(not g._forward_hooks for g in gates)
+    # and when the checkpoint it resumes from is refused, before the first step
+    from prunevision.train import CheckpointError
+
+    other = cfg.replace(**{"model.name": "resnet18"})
+    with pytest.raises(CheckpointError, match="another model configuration"):
+        fit(model, data, cfg, resume={"config": other})
+    assert all(not g._forward_hooks for g in gates)
