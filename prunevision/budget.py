@@ -85,6 +85,8 @@ def _is_depthwise(m: nn.Module) -> bool:
 class MacsModel:
     """Share of the dense network's MACs that the pruned network will have (see module docs)."""
 
+    OPEN_MARGIN = 1e-3  # the score :meth:`open_floor` gives a straight-through gate it opens
+
     def __init__(
         self,
         model: nn.Module,
@@ -329,6 +331,40 @@ class MacsModel:
         return self.hard_share()
 
     @torch.no_grad()
+    def positions(self, grp: _Group) -> tuple[torch.Tensor, torch.Tensor]:
+        """A group's open positions (some gate open there) and the largest score at each."""
+        is_open = torch.zeros(grp.n, dtype=torch.bool)
+        value = torch.full((grp.n,), -math.inf)
+        for gate, idxs, roots in grp.gates:
+            is_open[roots] |= ~gate.closed(self.threshold).cpu()[idxs]
+            value[roots] = torch.maximum(value[roots], gate.score.detach().float().cpu()[idxs])
+        return is_open, value
+
+    @torch.no_grad()
+    def open_floor(self) -> None:
+        """Open, in every group of straight-through gates, the best-scored channels that pruning keeps whatever
+        the gates say (``min_channels``, at least one, and the ``max_layer_sparsity`` cap), so that the network
+        trained is the network pruned. Left closed, a group whose gates all close cuts the signal in the
+        forward pass while pruning keeps a dead channel; every norm after it then sees a batch variance of 0,
+        and each one multiplies the backward pass by γ/√ε (≈ 300): mobilenet_v2's stem closed whole under the
+        Fisher scores, and 15 norms later the gradient passed float32's range (benchmarks/RESULTS.md)."""
+        for grp in self.groups:
+            if not grp.prunable or not grp.gates or any(gate.kind != "ste" for gate, _, _ in grp.gates):
+                continue
+            floor = max(min(self.min_channels, grp.n), 1, cap_floor(grp.n, self.max_layer_sparsity))
+            is_open, value = self.positions(grp)
+            missing = floor - int(is_open.sum())
+            if missing <= 0:
+                continue
+            shut = torch.nonzero(~is_open).flatten()
+            pos = shut[torch.argsort(value[shut], descending=True)][:missing]
+            for gate, idxs, roots in grp.gates:
+                hit = torch.isin(roots, pos)
+                if hit.any():
+                    i = idxs[hit].to(gate.score.device)
+                    gate.score[i] = torch.clamp(gate.score[i], min=self.OPEN_MARGIN)
+
+    @torch.no_grad()
     def floor_share(self) -> float:
         """The smallest share pruning can reach: every prunable group at its width floor."""
         return float((self._macs(self._hard_counts(all_closed=True)) + self.offset) / self.reference)
@@ -344,7 +380,8 @@ def _fisher_hook(est: torch.Tensor, beta: float):
 
         def on_grad(grad_out: torch.Tensor) -> None:  # ∂L/∂g = Σ over batch and positions of ∂L/∂out · x
             g2 = (grad_out.detach().float() * x.float()).sum(dim=dims).square().to(est.device)
-            est.copy_(torch.where(is_open, beta * est + (1 - beta) * g2, est))
+            # a step whose gradient overflows leaves the estimate as it was: one inf would make every score NaN
+            est.copy_(torch.where(is_open & torch.isfinite(g2), beta * est + (1 - beta) * g2, est))
 
         out.register_hook(on_grad)
     return hook
@@ -427,13 +464,9 @@ class FisherScores:
 
     def _positions(self, grp: _Group) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """A group's open positions, the largest score at each and the summed estimates."""
-        is_open = torch.zeros(grp.n, dtype=torch.bool)
-        value = torch.full((grp.n,), -math.inf)
+        is_open, value = self.macs.positions(grp)
         loss = torch.zeros(grp.n)
         for gate, idxs, roots in grp.gates:
-            sc = gate.score.detach().float().cpu()[idxs]
-            is_open[roots] |= sc > 0
-            value[roots] = torch.maximum(value[roots], sc)
             est = self.estimates.get(id(gate))
             if est is not None:
                 loss.index_add_(0, roots, est.float().cpu()[idxs])
@@ -533,13 +566,16 @@ class BudgetController:
         ``target``, project the gates onto it (:meth:`MacsModel.project`) so that training goes on in
         that structure. Returns the new share, or None when nothing moved."""
         tolerance = self.FOLLOW_TOLERANCE if tolerance is None else tolerance
-        if self.fisher is not None:  # the scores come from the estimates: re-rank, then onto the budget
-            self.fisher.rescore()
-            return self.fisher.project(target, tolerance)
-        share = self.macs.hard_share()
-        if abs(share / target - 1.0) <= tolerance:
-            return None
-        return self.macs.project(target)
+        try:
+            if self.fisher is not None:  # the scores come from the estimates: re-rank, then onto the budget
+                self.fisher.rescore()
+                return self.fisher.project(target, tolerance)
+            share = self.macs.hard_share()
+            if abs(share / target - 1.0) <= tolerance:
+                return None
+            return self.macs.project(target)
+        finally:
+            self.macs.open_floor()  # no group trains fully closed (the share counts its floor already)
 
     def close(self) -> None:
         """Training is over: nothing of the controller stays hooked into the model."""

@@ -315,6 +315,8 @@ def fit(
                 if gate_opt is not None:
                     gate_opt.step()
                     clamp_scores(model)
+                    if budget is not None:
+                        budget.macs.open_floor()  # what pruning keeps in any case trains open
                 if in_force:
                     budget.step()
                 if budget is not None and ((step + 1) % follow_every == 0 or step + 1 == steps):

@@ -382,3 +382,40 @@ def test_fisher_hooks_leave_the_model_when_training_raises():
     with pytest.raises(CheckpointError, match="another model configuration"):
         fit(model, data, cfg, resume={"config": other})
     assert all(not g._forward_hooks for g in gates)
+
+
+@pytest.mark.parametrize("importance", ["gradient", "fisher"])
+def test_no_group_trains_fully_closed(importance):
+    """Pruning keeps ``min_channels`` of a group whatever its gates say; those channels also stay open while
+    training (the best-scored ones), or a group whose gates all close cuts the network's signal: every norm
+    after it sees a batch variance of 0 and the backward pass grows by γ/√ε per norm (mobilenet_v2's stem,
+    closed whole under the Fisher scores, overflowed float32). The MACs share already counted the floor."""
+    model = build_gated_model(ModelConfig(name="small_cnn"), GateConfig(kind="ste"), 10, 16)
+    macs = MacsModel(model, torch.zeros(1, 3, 16, 16), threshold=HARD_GATE_THRESHOLD, min_channels=2)
+    ctl = BudgetController(macs, 0.02, torch.device("cpu"), target=0.3, importance=importance)
+    first = macs.prunable_gates()[0]
+    with torch.no_grad():
+        first.score.copy_(-torch.linspace(0.1, 1.0, first.score.numel()))  # every channel closed, 0 and 1 best
+    if importance == "fisher":
+        for g in ctl.fisher.gates:
+            ctl.fisher.estimates[id(g)].copy_(torch.linspace(1.0, 2.0, g.score.numel()))
+        ctl.fisher.estimates[id(first)].mul_(1e-12)  # the first layer's channels cost least to close
+    share = macs.hard_share()
+    ctl.follow(share if importance == "gradient" else 0.5)
+    is_open = first.score > 0
+    assert int(is_open.sum()) == 2
+    if importance == "gradient":
+        assert is_open[:2].all()  # the best-scored ones
+        assert macs.hard_share() == pytest.approx(share)  # nothing else moved
+    ctl.close()
+
+
+def test_fisher_estimate_skips_a_step_whose_gradient_overflows():
+    gate = ChannelGate(2, kind="ste")
+    est = torch.tensor([0.5, 0.5])
+    gate.register_forward_hook(_fisher_hook(est, 0.98))
+    x = torch.ones(1, 2, 4, 4)
+    w = torch.tensor([1e30, 1.0]).view(1, 2, 1, 1).expand(1, 2, 4, 4)  # channel 0's squared gradient overflows
+    (gate(x) * w).sum().backward()
+    assert est[0] == 0.5 and torch.isfinite(est).all()
+    assert est[1] == pytest.approx(0.98 * 0.5 + 0.02 * 16.0 ** 2)
