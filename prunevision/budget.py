@@ -33,7 +33,7 @@ import torch_pruning as tp
 from torch import nn
 
 from prunevision.config import ConfigError
-from prunevision.gates import ChannelGate
+from prunevision.gates import ChannelGate, GateMirror
 from prunevision.prune import GATE_PRUNERS, cap_floor, classifier_head, first_convs, keep_count
 
 BUDGET_TOLERANCE = 0.1  # how near a pruned network's MACs share lands to the budget asked for (relative)
@@ -103,6 +103,8 @@ class MacsModel:
         self.round_to, self.min_channels = round_to, min_channels
         self.max_layer_sparsity = max_layer_sparsity
         self.frozen = tuple(frozen)  # layers whose channels stay (prune.skip_first), as pruning will keep them
+        # depthwise norms' copies of a producer's gate (the Fisher estimate sums the gradient over both places)
+        self.mirrors = [m for m in model.modules() if isinstance(m, GateMirror)]
         names = {id(m): n for n, m in model.named_modules()}
         out_hw: dict[int, int] = {}
         order: list[tuple[nn.Module, int]] = []  # leaf modules as the forward pass runs them, output channels
@@ -272,16 +274,22 @@ class MacsModel:
         return list(seen.values())
 
     @contextlib.contextmanager
-    def shifted(self, shift: float):
-        """Inside the block every prunable gate's score is lowered by ``shift`` (restored exactly after)."""
-        saved = [(g.score, g.score.detach().clone()) for g in self.prunable_gates()]
-        self.apply_shift(shift)
+    def restored(self, gates: list[ChannelGate] | None = None):
+        """The scores of ``gates`` (every prunable gate by default) come back exactly after the block."""
+        saved = [(g.score, g.score.detach().clone()) for g in (self.prunable_gates() if gates is None else gates)]
         try:
             yield
         finally:
             with torch.no_grad():
                 for score, value in saved:
                     score.copy_(value)
+
+    @contextlib.contextmanager
+    def shifted(self, shift: float):
+        """Inside the block every prunable gate's score is lowered by ``shift`` (restored exactly after)."""
+        with self.restored():
+            self.apply_shift(shift)
+            yield
 
     @torch.no_grad()
     def apply_shift(self, shift: float) -> None:
@@ -370,16 +378,32 @@ class MacsModel:
         return float((self._macs(self._hard_counts(all_closed=True)) + self.offset) / self.reference)
 
 
-def _fisher_hook(est: torch.Tensor, beta: float):
-    def hook(gate: ChannelGate, inputs, out: torch.Tensor) -> None:
-        if not (gate.training and torch.is_grad_enabled() and out.requires_grad):
+def _fisher_hook(est: torch.Tensor, beta: float, pending: torch.Tensor | None = None, final: bool = True):
+    """A forward hook for a gate (``final``) or a :class:`GateMirror` of it (not ``final``): each backward pass
+    adds ∂L/∂g over the batch and positions, Σ ∂L/∂out · x, at every place the gate's value multiplies; the
+    mirrors' parts wait in ``pending`` (a mirror comes after its gate in the forward pass, so before it in the
+    backward pass) and the gate's own hook squares the sum into the running mean ``est`` while the gate is
+    open. Both places count: a channel that feeds a depthwise conv and its norm alone is scale-invariant there
+    (the norm undoes any scale the gate gives it), so ∂L/∂g at the gate itself is ~0 whatever the channel
+    does (mobilenet_v2's expand convs and stem: estimates 1e-9 against 1e-3 for its projections), and what
+    the channel is worth shows at the mirror after that norm."""
+    def hook(mod: nn.Module, inputs, out: torch.Tensor) -> None:
+        if not (mod.training and torch.is_grad_enabled() and out.requires_grad):
             return
+        gate = mod if isinstance(mod, ChannelGate) else mod.source
         x = inputs[0].detach()
         is_open = (gate.score.detach() > 0).to(est.device)
         dims = [d for d in range(x.dim()) if d != 1]
 
-        def on_grad(grad_out: torch.Tensor) -> None:  # ∂L/∂g = Σ over batch and positions of ∂L/∂out · x
-            g2 = (grad_out.detach().float() * x.float()).sum(dim=dims).square().to(est.device)
+        def on_grad(grad_out: torch.Tensor) -> None:
+            g = (grad_out.detach().float() * x.float()).sum(dim=dims).to(est.device)
+            if not final:
+                pending.add_(g)
+                return
+            if pending is not None:
+                g = g + pending
+                pending.zero_()
+            g2 = g.square()
             # a step whose gradient overflows leaves the estimate as it was: one inf would make every score NaN
             est.copy_(torch.where(is_open & torch.isfinite(g2), beta * est + (1 - beta) * g2, est))
 
@@ -412,7 +436,13 @@ class FisherScores:
         self.estimates = {id(g): torch.zeros_like(g.score.detach()) for g in self.gates}
         # closures, not bound methods: a deep copy of the model (a timed copy, a baseline) copies its hooks, and
         # a bound method would drag this object and its model along
-        self.handles = [g.register_forward_hook(_fisher_hook(self.estimates[id(g)], self.BETA)) for g in self.gates]
+        mirrored = {id(m.source) for m in macs.mirrors}
+        self.pending = {id(g): torch.zeros_like(self.estimates[id(g)]) for g in self.gates if id(g) in mirrored}
+        self.handles = [g.register_forward_hook(_fisher_hook(self.estimates[id(g)], self.BETA, self.pending.get(id(g))))
+                        for g in self.gates]
+        self.handles += [m.register_forward_hook(_fisher_hook(self.estimates[id(m.source)], self.BETA,
+                                                              self.pending[id(m.source)], final=False))
+                         for m in macs.mirrors if id(m.source) in self.pending]
 
     def remove(self) -> None:
         for h in self.handles:
@@ -499,11 +529,9 @@ class FisherScores:
                 continue  # at its width floor
             pos = torch.nonzero(is_open).flatten()
             pos = pos[torch.argsort(value[pos])][:need]
-            saved = [(g.score, g.score.detach().clone()) for g, _, _ in grp.gates]
-            self._close(grp, pos)
-            after = macs.hard_share()
-            for score, v in saved:
-                score.copy_(v)
+            with macs.restored([g for g, _, _ in grp.gates]):
+                self._close(grp, pos)
+                after = macs.hard_share()
             if after >= share:
                 continue
             if after > target:

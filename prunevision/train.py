@@ -327,7 +327,8 @@ def fit(
                 correct += (out.argmax(1) == y).sum()
                 seen += len(y)
             if not math.isfinite(task_sum.item()):
-                raise FloatingPointError(f"training diverged in epoch {epoch + 1} (loss is not finite); lower train.lr")
+                raise FloatingPointError(f"training diverged in epoch {epoch + 1} (loss is not finite); "
+                                         "lower train.lr or set train.grad_clip")
             train_time = time.perf_counter() - t0
             landed = None
             if budget is not None and budget.calibration is not None and epoch + 1 in landing_epochs:
@@ -337,6 +338,7 @@ def fit(
                 landed = land(budget.macs, cfg.latency_budget, lambda: measure_pruned_ms(
                     model, budget.macs, data.image_size, threads=cfg.measure.threads))
                 budget.target = budget.macs.hard_share()
+                budget.macs.open_floor()
             ev = evaluate(model, test_loader, data.num_classes, amp=amp)
             ev_val = evaluate(model, val_loader, data.num_classes, amp=amp) if val_loader is not None else ev
             stats = gate_stats(model, cfg.tau)

@@ -419,3 +419,27 @@ def test_fisher_estimate_skips_a_step_whose_gradient_overflows():
     (gate(x) * w).sum().backward()
     assert est[0] == 0.5 and torch.isfinite(est).all()
     assert est[1] == pytest.approx(0.98 * 0.5 + 0.02 * 16.0 ** 2)
+
+
+def test_fisher_estimate_sums_the_gradient_where_a_depthwise_norm_mirrors_the_gate():
+    """mobilenet_v2: an expand conv's gate multiplies its channel twice, before the depthwise conv and (its
+    GateMirror) after the depthwise norm. The estimate is the square of ∂L/∂g summed over both places: the
+    total derivative, which the straight-through score's gradient carries too (∂L/∂g · σ'(s/T)/T)."""
+    from prunevision.gates import GateMirror
+
+    torch.manual_seed(0)
+    model = build_gated_model(ModelConfig(name="mobilenet_v2", small_input=False), GateConfig(kind="ste"), 10, 32)
+    macs = MacsModel(model, torch.zeros(1, 3, 32, 32), threshold=HARD_GATE_THRESHOLD)
+    fisher = FisherScores(macs)
+    mirrored = [m.source for m in macs.mirrors]
+    assert mirrored and all(id(g) in fisher.pending for g in mirrored)
+    model.train()
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    for gate in mirrored[:3] + [g for g in fisher.gates if id(g) not in fisher.pending][:2]:
+        s = torch.sigmoid(gate.score.detach() / gate.temperature)
+        total = gate.score.grad / (s * (1 - s) / gate.temperature)
+        assert fisher.estimates[id(gate)] == pytest.approx(0.02 * total ** 2, rel=1e-3, abs=1e-12)
+    assert all(not p.any() for p in fisher.pending.values())  # the mirrors' parts were taken up
+    assert any(isinstance(m, GateMirror) for m in model.modules())
+    fisher.remove()
