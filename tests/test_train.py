@@ -136,3 +136,28 @@ def test_interleaved_timing_records_each_rounds_median():
     for r in res.values():
         assert len(r["round_medians_ms"]) == 5 and r["runs"] == 10
     assert min(res["slow"]["round_medians_ms"]) > max(res["fast"]["round_medians_ms"])
+
+
+def test_recalibrating_the_norms_fits_their_statistics_and_moves_nothing_else():
+    """The running statistics become those of the batches seen (cumulative mean over them); weights, the
+    momentum, the training mode and the global random stream (dropout stays off) are as before."""
+    from prunevision.train import recalibrate_norms
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4, momentum=0.3),
+                                torch.nn.Dropout(0.5), torch.nn.Flatten(), torch.nn.Linear(4 * 16, 2))
+    with torch.no_grad():
+        model[1].running_mean.fill_(50.0)
+        model[1].running_var.fill_(1e-4)
+    batches = [(torch.randn(8, 3, 4, 4) * 2 + 1, torch.zeros(8)) for _ in range(5)]
+    weights = [p.detach().clone() for p in model.parameters()]
+    model.train()
+    rng = torch.get_rng_state()
+    recalibrate_norms(model, batches, batches=3)
+    assert torch.equal(torch.get_rng_state(), rng)
+    conv = torch.cat([model[0](x) for x, _ in batches[:3]]).detach()
+    assert model[1].running_mean == pytest.approx(conv.mean(dim=(0, 2, 3)), abs=1e-5)
+    per_batch_var = torch.stack([model[0](x).detach().var(dim=(0, 2, 3)) for x, _ in batches[:3]])
+    assert model[1].running_var == pytest.approx(per_batch_var.mean(0), rel=1e-4)
+    assert model[1].momentum == 0.3 and model.training and model[2].training
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
