@@ -375,7 +375,7 @@ def fit(
                     model, budget.macs, data.image_size, threads=cfg.measure.threads))
                 budget.target = budget.macs.hard_share()
                 budget.macs.open_floor()
-            if budget is not None and epoch + 1 > warmup:  # the structure moved in this epoch
+            if budget is not None and epoch + 1 > warmup:  # the budget was in force: the structure moved
                 recalibrate_norms(model, calib_loader, amp=amp)
             ev = evaluate(model, test_loader, data.num_classes, amp=amp)
             ev_val = evaluate(model, val_loader, data.num_classes, amp=amp) if val_loader is not None else ev
