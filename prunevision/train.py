@@ -296,9 +296,11 @@ def fit(
         # the validation split is what selection sees; without one (data.val_split 0) the test split stands in
         val_loader = DeviceLoader(data.val_x, data.val_y, cfg.data.eval_batch_size, data.mean, data.std,
                                   train=False, channels_last=channels_last) if data.has_val else None
-        # its own shuffle: recalibrating the norms leaves the training stream as it is
+        # budgeted runs re-estimate the norms (recalibrate_norms) on a shuffle of their own, so that the training
+        # stream stays as it is
         calib_loader = DeviceLoader(data.train_x, data.train_y, cfg.data.batch_size, data.mean, data.std, train=True,
-                                    augment=cfg.data.augment, seed=cfg.seed + 7919, channels_last=channels_last)
+                                    augment=cfg.data.augment, seed=cfg.seed + 7919,
+                                    channels_last=channels_last) if budget is not None else None
         steps = len(train_loader)
         total_steps = steps * t_cfg.epochs
         follow_every = max(1, steps // BudgetController.FOLLOW_EVERY)
